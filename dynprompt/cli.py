@@ -1,0 +1,55 @@
+"""The `dynprompt` console command.
+
+Each subcommand lives with the package that owns it and is imported only when
+called, so `dynprompt serve` never imports the trainer and `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help). The function takes argv (list[str]) and
+# returns an exit code.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("dynprompt.training.cli", "train_main", "train a dynamic-prompt checkpoint"),
+    "eval": ("dynprompt.training.cli", "eval_main", "evaluate a checkpoint on labelled data"),
+    "experiment": (
+        "dynprompt.training.experiment",
+        "experiment_main",
+        "train and compare every variant on several tasks and seeds",
+    ),
+    "serve": ("dynprompt.service.cli", "serve_main", "serve a model repository over HTTP"),
+    "export-onnx": ("dynprompt.models.onnx_export", "export_main", "export a backbone to ONNX"),
+    "bench": ("benchmarks.cli", "bench_main", "run a benchmark (from a source checkout)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: dynprompt <command> [options]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "Run `dynprompt <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    if args[0] in {"-V", "--version"}:
+        from dynprompt import __version__
+
+        print(__version__)
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"dynprompt: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
