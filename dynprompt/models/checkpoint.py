@@ -8,7 +8,6 @@ deploying someone else's checkpoint.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from collections.abc import Callable
@@ -120,9 +119,6 @@ def load_checkpoint(
         )
     weights_path = directory / WEIGHTS_FILE
     tensors = _read_weights(weights_path)
-    if config.variant == "finetune":
-        # Its weights replace the backbone's: never overwrite a backbone others share.
-        backbone = copy.deepcopy(backbone)
     model = DynPromptModel(config, backbone)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,9 @@ class DynPromptModel(nn.Module):
 
     def __init__(self, config: DynPromptConfig, backbone: Backbone) -> None:
         super().__init__()
+        if config.variant == "finetune":
+            # Its backbone trains: give it a private copy, never one other models share.
+            backbone = copy.deepcopy(backbone)
         if config.backbone.family != backbone.family:
             raise ValueError(
                 f"config is for a {config.backbone.family} backbone, got {backbone.family}"
@@ -49,10 +53,11 @@ class DynPromptModel(nn.Module):
         length, pool = config.prompt.length, config.prompt.pool_size
         self.prompt = nn.Parameter(self._init_prompt(pool, length, dim)) if length else None
         self.routers = Routers(config.router, length, pool, dim)
-        self.label_ids: Tensor | None = None
         self.head: nn.Linear | None = None
+        self.label_ids: Tensor | None
         if config.head.type == "linear":
             self.head = nn.Linear(dim, len(config.head.labels))
+            self.register_buffer("label_ids", None, persistent=False)
         else:
             assert config.head.label_words is not None
             ids = backbone.label_word_ids(config.head.label_words)

@@ -810,9 +810,7 @@ def load_preset(
         return _read_preset_file(name, p, root / p.files[key], min_classes)
     whole_path = root / p.whole
     whole = _read_preset_file(name, p, whole_path, min_classes)
-    train, dev = _stratified_split(
-        whole.examples, len(whole.labels), seed, _BOOLQ_DEV_FRACTION
-    )
+    train, dev = _stratified_split(whole.examples, len(whole.labels), seed, _BOOLQ_DEV_FRACTION)
     data = LabelledData(
         name=name,
         labels=whole.labels,
