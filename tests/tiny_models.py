@@ -29,7 +29,9 @@ WORDS = (
 FAMILIES = ("bert", "t5", "gpt2")
 
 
-def _tokenizer(specials: list[str], single: str | None, pair: str | None, **named: str) -> PreTrainedTokenizerFast:
+def _tokenizer(
+    specials: list[str], single: str | None, pair: str | None, **named: str
+) -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -93,6 +95,14 @@ def tiny_backbone(family: str, seed: int = 0) -> Backbone:
             unk_token="<unk>",
             pad_token="<|endoftext|>",
         )
-        config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(
+            vocab_size=len(tok),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         return backbone_from_model(GPT2LMHeadModel(config), tok, "tiny-gpt2")
     raise ValueError(family)

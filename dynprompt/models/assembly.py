@@ -59,7 +59,12 @@ def arrangement_index(
 
 
 def _sources(
-    token_embeds: Tensor, token_types: Tensor, lengths: Tensor, prompts: Tensor, b: Tensor, pad_embed: Tensor
+    token_embeds: Tensor,
+    token_types: Tensor,
+    lengths: Tensor,
+    prompts: Tensor,
+    b: Tensor,
+    pad_embed: Tensor,
 ) -> tuple[Tensor, Tensor]:
     batch, _, dim = token_embeds.shape
     pad = pad_embed.to(token_embeds.dtype).expand(batch, 1, dim)

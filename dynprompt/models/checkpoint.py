@@ -58,7 +58,9 @@ def read_config(directory: str | Path) -> DynPromptConfig:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise CheckpointError(f"{path}: file not found (a checkpoint folder needs {CONFIG_FILE})") from exc
+        raise CheckpointError(
+            f"{path}: file not found (a checkpoint folder needs {CONFIG_FILE})"
+        ) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot read: {exc}") from exc
     except json.JSONDecodeError as exc:
@@ -124,7 +126,9 @@ def load_checkpoint(
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
-        raise CheckpointError(f"{weights_path}: missing tensor '{missing[0]}' ({len(missing)} missing)")
+        raise CheckpointError(
+            f"{weights_path}: missing tensor '{missing[0]}' ({len(missing)} missing)"
+        )
     if unexpected:
         raise CheckpointError(
             f"{weights_path}: unexpected tensor '{unexpected[0]}' for variant {config.variant!r}"
@@ -137,7 +141,9 @@ def load_checkpoint(
                 f"{CONFIG_FILE} implies {tuple(want.shape)}"
             )
         if not got.is_floating_point():
-            raise CheckpointError(f"{weights_path}: tensor '{key}' is {got.dtype}, not floating point")
+            raise CheckpointError(
+                f"{weights_path}: tensor '{key}' is {got.dtype}, not floating point"
+            )
         if not torch.isfinite(got).all():
             raise CheckpointError(f"{weights_path}: tensor '{key}' holds NaN or infinite values")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)

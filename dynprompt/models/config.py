@@ -91,9 +91,10 @@ class HeadSpec(_Strict):
             raise ValueError(f"labels must be unique, got {self.labels}")
         if any(not label for label in self.labels):
             raise ValueError("labels must be non-empty strings")
-        if self.type == "verbalizer":
-            if self.label_words is None or len(self.label_words) != len(self.labels):
-                raise ValueError("a verbalizer head needs one label word per label")
+        if self.type == "verbalizer" and (
+            self.label_words is None or len(self.label_words) != len(self.labels)
+        ):
+            raise ValueError("a verbalizer head needs one label word per label")
         return self
 
 
@@ -117,7 +118,7 @@ class TrainingInfo(BaseModel):
 
 
 class DynPromptConfig(_Strict):
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1] = 1
     name: str
     variant: Variant
     backbone: BackboneSpec
@@ -197,7 +198,9 @@ def make_config(
     if pool == "single":
         pool_size = 1
     if head_type is None:
-        head_type = "linear" if backbone.family == "encoder" or variant in BASELINES else "verbalizer"
+        head_type = (
+            "linear" if backbone.family == "encoder" or variant in BASELINES else "verbalizer"
+        )
     if head_type == "verbalizer" and label_words is None:
         label_words = list(labels)
     return DynPromptConfig.model_validate(

@@ -113,7 +113,9 @@ def classify_rows(
     verbal_rows = [r for r, m in enumerate(models) if m.head is None]
     if linear_rows:
         part = _select(assembled, linear_rows)
-        hidden = backbone.hidden_states(part.inputs_embeds, part.attention_mask, part.token_type_ids)
+        hidden = backbone.hidden_states(
+            part.inputs_embeds, part.attention_mask, part.token_type_ids
+        )
         mean = masked_mean(hidden.float(), part.attention_mask)
         first = hidden[:, 0].float()
         for i, row in enumerate(linear_rows):

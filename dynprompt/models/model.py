@@ -129,7 +129,7 @@ class DynPromptModel(nn.Module):
                 pooled = hidden[:, 0].float()
             else:
                 pooled = masked_mean(hidden.float(), assembled.attention_mask)
-            return self.head(pooled)  # type: ignore[no-any-return]
+            return self.head(pooled)
         assert self.label_ids is not None
         logits = self.backbone.verbalizer_logits(
             assembled.inputs_embeds, assembled.attention_mask, assembled.token_type_ids
@@ -150,7 +150,9 @@ class DynPromptModel(nn.Module):
         batch = encoded.input_ids.shape[0]
         token_embeds = backbone.embed(encoded.input_ids)
         features = (
-            self.router_features(encoded, token_embeds) if self.config.uses_router_features else None
+            self.router_features(encoded, token_embeds)
+            if self.config.uses_router_features
+            else None
         )
         routing = self.routers(features, batch, token_embeds.device, tau=tau, generator=generator)
         prompts = self.prompt_vectors(routing, batch)

@@ -724,7 +724,7 @@ FEWSHOT32_TASKS: tuple[str, ...] = ("boolq", "cb", "rte", "wic", "wsc")
 """Presets with FewGLUE 32-example splits under `superglue/fewshot32/<task>/`.
 (The folder also holds copa and multirc, which have no preset.)"""
 
-_BOOLQ_DEV_FRACTION = 0.2
+_SPLIT_DEV_FRACTION = 0.2
 
 
 def _preset(name: str) -> _Preset:
@@ -810,7 +810,7 @@ def load_preset(
         return _read_preset_file(name, p, root / p.files[key], min_classes)
     whole_path = root / p.whole
     whole = _read_preset_file(name, p, whole_path, min_classes)
-    train, dev = _stratified_split(whole.examples, len(whole.labels), seed, _BOOLQ_DEV_FRACTION)
+    train, dev = _stratified_split(whole.examples, len(whole.labels), seed, _SPLIT_DEV_FRACTION)
     data = LabelledData(
         name=name,
         labels=whole.labels,
