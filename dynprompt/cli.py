@@ -32,6 +32,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _add_source_checkout() -> None:
+    """Benchmarks ship with the repository, not the wheel: find them beside the package."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "cli.py").exists():
+        raise SystemExit("dynprompt bench runs from a source checkout (benchmarks/ not found)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in {"-h", "--help"}:
@@ -47,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dynprompt: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[name]
+    if module_name.startswith("benchmarks."):
+        _add_source_checkout()
     func = getattr(importlib.import_module(module_name), func_name)
     return int(func(rest) or 0)
 
