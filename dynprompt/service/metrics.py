@@ -1,0 +1,110 @@
+"""Prometheus metrics of DESIGN §4, in a registry of their own per app.
+
+A dedicated `CollectorRegistry` (never the global one) lets tests build several
+apps in one process. Labels stay bounded: model names of loaded models (anything
+else is `_unknown`), backbone names, HTTP status codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+UNKNOWN_MODEL = "_unknown"
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+INPUT_TOKEN_BUCKETS = (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048)
+RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Router decisions are small integers: one bucket per value up to 32, then coarser.
+DECISION_BUCKETS = tuple(float(i) for i in range(33)) + (40, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+class ServiceMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        p = "dynprompt_"
+        self.requests = Counter(
+            p + "requests", "Classify requests answered, by model and HTTP status.",
+            ["model", "status"], registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            p + "request_duration_seconds", "End-to-end classify request time.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_duration = Histogram(
+            p + "queue_duration_seconds", "Admission to the first row's batch starting, per request.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_duration = Histogram(
+            p + "inference_duration_seconds", "Compute time of one batch (collate, routers, forwards).",
+            ["backbone"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            p + "batch_size", "Rows per batch.", buckets=ROW_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            p + "batch_tokens", "Padded tokens per batch (rows x assembled width, prompts included).",
+            buckets=TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_padding_ratio = Histogram(
+            p + "batch_padding_ratio", "Share of a batch's padded tokens that are padding.",
+            buckets=RATIO_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_models = Histogram(
+            p + "batch_models", "Distinct models whose rows share one batch.",
+            buckets=(1, 2, 3, 4, 6, 8, 16, 32), registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            p + "queue_depth", "Classify requests admitted and not yet answered.", registry=r
+        )
+        self.input_tokens = Histogram(
+            p + "input_tokens", "Tokens per input row (specials included, prompt excluded).",
+            buckets=INPUT_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens_before = Histogram(
+            p + "prompt_tokens_before", "Router decision: prompt tokens placed before the text.",
+            ["model"], buckets=DECISION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_length = Histogram(
+            p + "prompt_length", "Router decision: prompt length per input.",
+            ["model"], buckets=DECISION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.model_info = Gauge(
+            p + "model_info",
+            "Loaded models (value 1).",
+            ["model", "variant", "backbone"],
+            registry=r,
+        )
+        self._gpu_memory: Gauge | None = None
+
+    def set_models(self, infos: list[tuple[str, str, str]]) -> None:
+        """Replace the model_info series with exactly these (model, variant, backbone)."""
+        self.model_info.clear()
+        for model, variant, backbone in infos:
+            self.model_info.labels(model, variant, backbone).set(1)
+
+    def track_gpu_memory(self, read: Callable[[], float]) -> None:
+        if self._gpu_memory is None:
+            self._gpu_memory = Gauge(
+                "dynprompt_gpu_memory_bytes", "GPU memory allocated by torch on the serving device.",
+                registry=self.registry,
+            )  # fmt: skip
+            self._gpu_memory.set_function(read)
+
+    def observe_batch(
+        self, backbone: str, seconds: float, rows: int, padded: int, real: int, models: int
+    ) -> None:
+        self.inference_duration.labels(backbone).observe(seconds)
+        self.batch_size.observe(rows)
+        self.batch_tokens.observe(padded)
+        self.batch_padding_ratio.observe(1.0 - real / padded if padded else 0.0)
+        self.batch_models.observe(models)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,125 @@
+"""Request and response bodies of the HTTP API (DESIGN §4); they are also the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("text must not be empty or only whitespace")
+    return value
+
+
+Text = Annotated[str, Field(min_length=1, strict=True), AfterValidator(_not_blank)]
+
+
+class PairInput(BaseModel):
+    """One input for a model that reads text pairs (e.g. premise and hypothesis)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: Text
+    text_pair: Text | None = None
+
+
+# Tags that pick one branch of the input union, so errors come from that branch alone;
+# they appear in error locations, and `errors.validation_message` leaves them out.
+INPUT_TAGS = ("single", "pair")
+
+
+def _input_kind(value: Any) -> str:
+    return "pair" if isinstance(value, dict | PairInput) else "single"
+
+
+Input = Annotated[
+    Annotated[Text, Tag("single")] | Annotated[PairInput, Tag("pair")],
+    Discriminator(_input_kind),
+]
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"model": "sst2", "inputs": ["a gripping, funny film"], "return_routing": True}
+            ]
+        },
+    )
+    model: Annotated[str, Field(min_length=1, max_length=256, strict=True)] = Field(
+        description="name of a loaded model (see GET /v1/models)"
+    )
+    inputs: list[Input] = Field(
+        min_length=1,
+        description="texts, or {text, text_pair} objects for pair models; at most the "
+        "server's max_client_batch_size",
+    )
+    truncate: bool = Field(
+        True, strict=True, description="trim inputs over the model's max_length (false: 422)"
+    )
+    return_routing: bool = Field(
+        False, strict=True, description="include each input's router decisions"
+    )
+    return_all_scores: bool = Field(
+        False, strict=True, description="include the probability of every label"
+    )
+
+
+class Routing(BaseModel):
+    prompt_length: int = Field(description="prompt tokens inserted for this input")
+    tokens_before: int = Field(description="prompt tokens placed before the text")
+    tokens_after: int = Field(description="prompt tokens placed after the text")
+    pool_weights: list[float] | None = Field(
+        None, description="mixture weights over the prompt pool (pool variants only)"
+    )
+
+
+class Result(BaseModel):
+    label: str
+    score: float = Field(description="probability of `label`")
+    scores: dict[str, float] | None = Field(None, description="every label's probability")
+    routing: Routing | None = None
+    truncated: bool = Field(description="whether the input was trimmed to max_length")
+
+
+class Usage(BaseModel):
+    input_tokens: int = Field(description="tokens of all inputs, special tokens included")
+    prompt_tokens: int = Field(description="prompt tokens the routers inserted, summed")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    results: list[Result] = Field(description="one per input, in input order")
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    name: str
+    labels: list[str]
+    variant: str
+    prompt_length: int = Field(description="maximum prompt length L")
+    pool_size: int
+    router_feature: str | None = Field(
+        description="what the router reads (backbone or embeddings); null when no "
+        "decision is per input"
+    )
+    backbone: str
+    version: str = Field(description="checksum of the checkpoint's weights")
+    metrics: dict[str, float] = Field(description="dev metrics recorded at training")
+    max_length: int = Field(description="longest input in tokens, special tokens included")
+    pair_input: bool = Field(description="whether inputs are {text, text_pair} pairs")
+
+
+class ModelList(BaseModel):
+    models: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    models: int
