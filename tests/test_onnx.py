@@ -30,7 +30,7 @@ from dynprompt.models import (  # noqa: E402
     classify_rows,
     load_checkpoint,
     make_config,
-    onnx_export,  # noqa: E402
+    onnx_export,
     save_checkpoint,
 )
 from dynprompt.models.inference import RowResult  # noqa: E402

@@ -467,12 +467,30 @@ def test_settings_flags_beat_env_beat_defaults() -> None:
         settings_from(["--max-batch-size", "0"], {})
 
 
+def test_empty_repository_serves_the_shipped_default_model(tmp_path: Path) -> None:
+    """An empty volume (compose's default ./models) still gives a working server, loudly."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server = start_server(["--model-repository", str(empty)], log_dir=tmp_path)
+    try:
+        names = [m["name"] for m in httpx.get(server.url + "/v1/models").json()["models"]]
+        assert names == ["sst2"]
+        assert "holds no checkpoints" in server.logs() and str(empty) in server.logs()
+        reply = httpx.post(
+            server.url + "/v1/classify", json={"model": "sst2", "inputs": ["a joyous, moving film"]}
+        )
+        assert reply.status_code == 200 and reply.json()["results"][0]["label"] == "positive"
+    finally:
+        server.stop()
+
+
 def test_help_names_every_flag_its_variable_and_default() -> None:
     text = " ".join(build_parser().format_help().split())
     for flag in (
         "--model-repository", "--host", "--port", "--device", "--dtype", "--backend", "--onnx-cache-dir",
         "--threads", "--max-batch-size", "--max-batch-tokens", "--max-wait-ms", "--max-queue-requests",
         "--queue-timeout-s", "--max-client-batch-size", "--payload-limit-bytes", "--api-key", "--log-level",
+        "--padding-tolerance", "--drain-timeout-s", "--tokenizer-threads", "--log-format",
     ):  # fmt: skip
         assert flag in text, flag
         env = "DYNPROMPT_" + flag[2:].replace("-", "_").upper()
@@ -484,12 +502,10 @@ def test_bad_repository_exits_non_zero_with_the_reason(tmp_path: Path) -> None:
     from dynprompt.service.cli import serve_main
 
     assert serve_main(["--port", "not-a-port"]) == 2
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    server = start_server(["--model-repository", str(empty)], wait=False, log_dir=tmp_path)
-    code = server.wait(120)
-    assert code != 0
-    assert "no checkpoints" in server.logs() and str(empty) in server.logs()
+    missing = tmp_path / "missing"
+    server = start_server(["--model-repository", str(missing)], wait=False, log_dir=tmp_path)
+    assert server.wait(120) != 0
+    assert "not found" in server.logs() and str(missing) in server.logs()
     broken = tmp_path / "broken" / "m"
     broken.mkdir(parents=True)
     (broken / "dynprompt.json").write_text(json.dumps({"name": "m"}))

@@ -91,8 +91,7 @@ def classify_rows(
         vectors = model.prompt_vectors(routing, len(rows))
         prompts[index, : vectors.shape[1]] = vectors.to(prompts.dtype)
         if routing.pool_weights is not None:
-            for i, row in enumerate(rows):
-                pools[row] = routing.pool_weights[i]
+            pools.update(zip(rows, routing.pool_weights, strict=True))
 
     pad = backbone.embed(torch.tensor([backbone.pad_id], device=device))[0]
     assembled = assemble(
@@ -107,7 +106,8 @@ def classify_rows(
         n_trail=backbone.n_trail,
     )
 
-    # One backbone pass per head kind (encoders only ever have linear heads).
+    # One backbone pass per head kind (encoders only ever have linear heads); then each
+    # model's head once over all of its rows.
     probs: dict[int, Tensor] = {}
     linear_rows = [r for r, m in enumerate(models) if m.head is not None]
     verbal_rows = [r for r, m in enumerate(models) if m.head is None]
@@ -116,29 +116,35 @@ def classify_rows(
         hidden = backbone.hidden_states(
             part.inputs_embeds, part.attention_mask, part.token_type_ids
         )
-        mean = masked_mean(hidden.float(), part.attention_mask)
-        first = hidden[:, 0].float()
-        for i, row in enumerate(linear_rows):
-            model = models[row]
+        pooled_mean = masked_mean(hidden.float(), part.attention_mask)
+        pooled_first = hidden[:, 0].float()
+        for model, positions in _by_model(models, linear_rows):
             assert model.head is not None
-            pooled = first[i] if model.config.head.pooling == "first" else mean[i]
-            probs[row] = F.softmax(model.head(pooled[None])[0], dim=-1)
+            source = pooled_first if model.config.head.pooling == "first" else pooled_mean
+            out = F.softmax(model.head(source[positions]), dim=-1)
+            for i, p in enumerate(positions):
+                probs[linear_rows[p]] = out[i]
     if verbal_rows:
         part = _select(assembled, verbal_rows)
         logits = backbone.verbalizer_logits(
             part.inputs_embeds, part.attention_mask, part.token_type_ids
         )
-        for i, row in enumerate(verbal_rows):
-            label_ids = models[row].label_ids
-            assert label_ids is not None
-            probs[row] = F.softmax(logits[i, label_ids].float(), dim=-1)
+        for model, positions in _by_model(models, verbal_rows):
+            assert model.label_ids is not None
+            out = F.softmax(logits[positions][:, model.label_ids].float(), dim=-1)
+            for i, p in enumerate(positions):
+                probs[verbal_rows[p]] = out[i]
 
+    # One device-to-host copy for everything the caller reads.
+    prob_lists = [probs[r].tolist() for r in range(batch)]
+    lengths, befores = m_all.tolist(), b_all.tolist()
+    pool_lists = {r: w.tolist() for r, w in pools.items()}
     results = [
         RowResult(
-            probs=probs[r].tolist(),
-            prompt_length=int(m_all[r]),
-            tokens_before=int(b_all[r]),
-            pool_weights=pools[r].tolist() if r in pools else None,
+            probs=prob_lists[r],
+            prompt_length=int(lengths[r]),
+            tokens_before=int(befores[r]),
+            pool_weights=pool_lists.get(r),
         )
         for r in range(batch)
     ]
@@ -147,9 +153,19 @@ def classify_rows(
         rows=batch,
         padded_tokens=batch * width,
         real_tokens=int(assembled.attention_mask.sum()),
-        prompt_tokens=int(m_all.sum()),
+        prompt_tokens=int(sum(lengths)),
     )
     return results, stats
+
+
+def _by_model(
+    models: Sequence[DynPromptModel], rows: list[int]
+) -> list[tuple[DynPromptModel, list[int]]]:
+    """Group `rows` by model; positions are indices into `rows`."""
+    groups: dict[int, tuple[DynPromptModel, list[int]]] = {}
+    for position, row in enumerate(rows):
+        groups.setdefault(id(models[row]), (models[row], []))[1].append(position)
+    return list(groups.values())
 
 
 def _select(assembled: Assembled, rows: list[int]) -> Assembled:

@@ -45,7 +45,7 @@ class BatchLimits:
     max_wait_s: float = 0.005
     # A row joins a batch only if the padding it adds (to itself, or to the rows already
     # there when it is the longest) is at most this fraction of its own length.
-    padding_tolerance: float = 0.5
+    padding_tolerance: float = 0.25
 
 
 @dataclass(eq=False)
@@ -181,16 +181,15 @@ class BackboneWorker:
         order = sorted(range(len(queue)), key=lambda i: (abs(queue[i].cost - anchor), i))
         chosen, width = [order[0]], anchor
         for i in order[1:]:
+            if len(chosen) >= limits.max_batch_size:
+                break
             cost = queue[i].cost
             wider = max(width, cost)
             padded = (len(chosen) + 1) * wider
             added = padded - len(chosen) * width - cost
-            if padded > limits.max_batch_tokens or added > limits.padding_tolerance * cost:
-                continue
-            chosen.append(i)
-            width = wider
-            if len(chosen) == limits.max_batch_size:
-                break
+            if padded <= limits.max_batch_tokens and added <= limits.padding_tolerance * cost:
+                chosen.append(i)
+                width = wider
         chosen.sort()
         picked = set(chosen)
         batch = [queue[i] for i in chosen]

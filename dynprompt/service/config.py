@@ -62,7 +62,7 @@ class Settings(BaseModel):
         5.0, ge=0, le=60_000, description="how long a batch waits for more rows after its first"
     )
     padding_tolerance: float = Field(
-        0.5,
+        0.25,
         ge=0,
         description="a row joins a batch only if the padding it adds is at most this fraction "
         "of its own length (rows of other lengths wait for the next batch)",

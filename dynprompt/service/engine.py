@@ -23,9 +23,9 @@ from dynprompt.models.backbone import TokenizedRow
 from dynprompt.models.inference import RowResult
 from dynprompt.service import errors
 from dynprompt.service.batcher import BatchFailed, Job
-from dynprompt.service.config import Settings
+from dynprompt.service.config import DEFAULT_REPOSITORY, Settings
 from dynprompt.service.metrics import ServiceMetrics
-from dynprompt.service.registry import ModelEntry, Registry
+from dynprompt.service.registry import ModelEntry, Registry, find_checkpoints
 
 log = logging.getLogger("dynprompt.service")
 
@@ -97,6 +97,15 @@ class Engine:
 
     def _load(self, root: Path) -> None:
         start = time.perf_counter()
+        if root.is_dir() and not find_checkpoints(root) and root != DEFAULT_REPOSITORY:
+            # An empty mounted volume (docker compose's default ./models) should still give a
+            # working server: serve the shipped model, and say so loudly.
+            log.warning(
+                "the model repository %s holds no checkpoints; serving the shipped default "
+                "model from %s instead",
+                root, DEFAULT_REPOSITORY,
+            )  # fmt: skip
+            root = DEFAULT_REPOSITORY
         models = self.registry.load(root)
         self.registry.warm(models)
         self.registry.activate(models)
