@@ -40,6 +40,8 @@ METRIC_LABELS: dict[str, set[str]] = {
     "dynprompt_batch_size": set(),
     "dynprompt_batch_tokens": set(),
     "dynprompt_batch_padding_ratio": set(),
+    # Not in DESIGN §4: how many models share each batch, the proof that batches are shared.
+    "dynprompt_batch_models": set(),
     "dynprompt_input_tokens": set(),
     "dynprompt_prompt_tokens_before": {"model"},
     "dynprompt_prompt_length": {"model"},
@@ -57,6 +59,7 @@ HISTOGRAMS = {
     "dynprompt_input_tokens",
     "dynprompt_prompt_tokens_before",
     "dynprompt_prompt_length",
+    "dynprompt_batch_models",
 }
 GPU_ONLY_METRICS = {"dynprompt_gpu_memory_bytes"}
 

@@ -148,6 +148,8 @@ def test_bad_config_names_the_field(tmp_path: Path) -> None:
         build_config({"preset": "sst2"}, {"lr_prompt": -1})
     with pytest.raises(ConfigError, match="data source"):
         build_config({})
+    with pytest.raises(ConfigError, match="needs `shots`"):
+        build_config({"preset": "sst2", "regime": "fewshot"})
     bad = tmp_path / "bad.yaml"
     bad.write_text("preset: sst2\nvariant: sideways\n")
     code = train_main(["--config", str(bad)])

@@ -301,6 +301,13 @@ class TrainConfig(_Strict):
             )
         if self.tau_min > self.tau_start:
             raise ValueError("tau_min must not exceed tau_start")
+        if self.tasks is None:
+            try:
+                self.task_list()  # the top-level data fields, checked as one task
+            except ValidationError as exc:
+                raise ValueError(
+                    "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                ) from None
         return self
 
     def task_list(self) -> list[TaskData]:
