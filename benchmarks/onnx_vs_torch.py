@@ -460,7 +460,7 @@ def _policies(raw_argv: list[str], cache: str, tmp: Path) -> str:
     for i, (title, policy) in enumerate(
         [
             ("OpenMP default wait policy (threads spin)", None),
-            ("OMP_WAIT_POLICY=PASSIVE", "PASSIVE"),
+            ("OMP_WAIT_POLICY=PASSIVE (ONNX Runtime then does not spin either)", "PASSIVE"),
         ]
     ):
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
