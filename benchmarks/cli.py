@@ -15,7 +15,10 @@ def bench_main(argv: list[str]) -> int:
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in BENCHMARKS:
         lines = ["usage: dynprompt bench <name> [options]", "", "benchmarks:"]
         lines += [f"  {name:<10} {text}" for name, (_, text) in BENCHMARKS.items()]
-        lines += ["", "Each writes its table under docs/; `dynprompt bench <name> --help` for options."]
+        lines += [
+            "",
+            "Each writes its table under docs/; `dynprompt bench <name> --help` for options.",
+        ]
         print("\n".join(lines))
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
     module = importlib.import_module(BENCHMARKS[argv[0]][0])
