@@ -43,6 +43,7 @@ from dynprompt.service.schemas import (
     ModelList,
     PairInput,
     Ready,
+    ReloadResult,
 )
 
 log = logging.getLogger("dynprompt.service")
@@ -356,6 +357,17 @@ def create_app(
         if entry is None:
             raise errors.not_found(name, registry.current.names)
         return entry.card()
+
+    @app.post(
+        "/v1/admin/reload",
+        response_model=ReloadResult,
+        responses=errors.responses(*maybe_401, 409, 500, 503),
+        dependencies=auth,
+        summary="Rescan the model repository and swap in new and changed checkpoints",
+    )
+    async def reload() -> dict[str, Any]:
+        report = await engine.reload()
+        return report.as_dict()
 
     @app.get("/health", response_model=Health, summary="Liveness: the process answers")
     async def health() -> dict[str, str]:

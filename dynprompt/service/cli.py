@@ -1,5 +1,6 @@
 """`dynprompt serve`: settings, logging, threads, and uvicorn with a draining SIGTERM.
 
+SIGHUP rescans the model repository (as `POST /v1/admin/reload` does).
 SIGTERM (or Ctrl-C) starts a drain: `/ready` and new classify requests answer 503,
 requests already admitted finish (up to `--drain-timeout-s`), then the server
 exits 0. A second signal stops at once.
@@ -8,6 +9,7 @@ exits 0. A second signal stops at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 import uvicorn
 
+from dynprompt.service import errors
 from dynprompt.service.config import Settings, SettingsError, settings_from
 from dynprompt.service.engine import Engine
 
@@ -78,10 +81,25 @@ class DrainingServer(uvicorn.Server):
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            self._loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await super().serve(sockets)
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: rescanning the model repository")
+        task = asyncio.ensure_future(self._reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload(self) -> None:
+        try:
+            await self.engine.reload()
+        except errors.ServiceError as exc:
+            log.warning("SIGHUP reload not done: %s", exc.message)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None:

@@ -107,6 +107,7 @@ class ModelCard(BaseModel):
     )
     backbone: str
     version: str = Field(description="checksum of the checkpoint's weights")
+    loaded_at: str = Field(description="when this version was loaded (ISO 8601, UTC)")
     metrics: dict[str, float] = Field(description="dev metrics recorded at training")
     max_length: int = Field(description="longest input in tokens, special tokens included")
     pair_input: bool = Field(description="whether inputs are {text, text_pair} pairs")
@@ -123,3 +124,17 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: str
     models: int
+
+
+class RefusedCheckpoint(BaseModel):
+    path: str = Field(description="the checkpoint folder")
+    reason: str = Field(description="why it was not loaded")
+
+
+class ReloadResult(BaseModel):
+    loaded: list[str] = Field(description="models loaded or replaced by a new version")
+    unchanged: list[str] = Field(description="models whose weights did not change")
+    removed: list[str] = Field(description="models no longer in the repository")
+    refused: list[RefusedCheckpoint] = Field(
+        description="checkpoints that failed to load; the version served before stays"
+    )
