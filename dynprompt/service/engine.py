@@ -22,7 +22,7 @@ import torch
 from dynprompt.models.backbone import TokenizedRow
 from dynprompt.models.inference import RowResult
 from dynprompt.service import errors
-from dynprompt.service.batcher import BatchFailed, Job
+from dynprompt.service.batcher import BatchFailed, Job, RowTooLarge
 from dynprompt.service.config import DEFAULT_REPOSITORY, Settings
 from dynprompt.service.metrics import ServiceMetrics
 from dynprompt.service.registry import ModelEntry, Registry, ReloadReport, find_checkpoints
@@ -208,6 +208,12 @@ class Engine:
             watcher.cancel()
         try:
             results = future.result()
+        except RowTooLarge as exc:
+            raise errors.unavailable(
+                "out_of_memory",
+                f"an input does not fit in the server's memory even alone; shorten it "
+                f"(request id {request_id})",
+            ) from exc
         except BatchFailed as exc:
             raise errors.internal(request_id) from exc
         return Outcome(rows, results, job.queue_s, job.compute_s)

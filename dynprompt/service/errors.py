@@ -149,7 +149,8 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "invalid fields, empty text, or an input over max_length with truncate=false",
         429: "queue full; retry after Retry-After seconds",
         500: "internal error (logged with the request id)",
-        503: "not ready, draining, or the request waited past its queue timeout",
+        503: "not ready, draining, the request waited past its queue timeout, or an input "
+        "does not fit in memory even alone",
     }
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
