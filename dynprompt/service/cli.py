@@ -127,6 +127,36 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def guarded_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, plus a deadline for a new connection's first request head.
+
+    uvicorn times out idle keep-alive connections but not a client that opens a connection
+    and trickles its headers (slow loris); this closes such a connection after
+    `header_timeout_s`.
+    """
+    base: type[Any]
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+
+    class GuardedProtocol(base):
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self._head_deadline = self.loop.call_later(header_timeout_s, self._head_timeout)
+
+        def _head_timeout(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                log.info("closing a connection that sent no complete request head in time")
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+    return GuardedProtocol
+
+
 def serve_main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(sys.argv[1:] if argv is None else argv)
@@ -159,6 +189,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         lifespan="on",
         timeout_graceful_shutdown=10,
         server_header=False,
+        http=guarded_protocol(settings.header_timeout_s),
+        timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     server = DrainingServer(config, app.state.engine, settings.drain_timeout_s)
     servers.append(server)
