@@ -199,3 +199,40 @@ def test_repository_errors_name_the_path(tmp_path: Path, minilm: Backbone) -> No
         registry.load(tmp_path)
     # A checkpoint folder given directly is a repository of one.
     assert list(registry.load(tmp_path / "x" / "same").models) == ["same"]
+
+
+def test_out_of_memory_splits_lowers_the_cap_and_recovers(
+    loop: asyncio.AbstractEventLoop, model: DynPromptModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = batcher.classify_rows
+    sizes: list[int] = []
+
+    def small_memory(backbone: Any, models: Any, encoded: Any) -> tuple[list[RowResult], Any]:
+        texts = [backbone.tokenizer.decode(ids) for ids in encoded.input_ids.tolist()]
+        sizes.append(len(texts))
+        if len(texts) > 3 or any("gigantic" in t for t in texts):
+            raise torch.OutOfMemoryError("injected out of memory")
+        return real(backbone, models, encoded)
+
+    monkeypatch.setattr(batcher, "classify_rows", small_memory)
+    monkeypatch.setattr(batcher, "CAP_RECOVERY_BATCHES", 2)
+    worker = worker_with(model, BatchLimits(max_batch_size=16, max_wait_s=0.05), [])
+    texts = [f"film number {i}" for i in range(10)]
+    jobs = [job(loop, model, texts, "big"), job(loop, model, [SHORT, "gigantic"], "huge")]
+    for j in jobs:
+        worker.submit(j)
+    worker.start()
+    big, huge = run(loop, jobs)
+    assert isinstance(huge, batcher.RowTooLarge) and not isinstance(big, Exception)
+    want = offline_predictions(model, texts)
+    for got, ref in zip(big, want, strict=True):
+        assert got.probs == pytest.approx(ref.probs, abs=1e-4)
+    assert sizes[0] == 12 and max(sizes[1:]) < 12  # split, retried
+    assert worker.row_cap < 16
+    low = worker.row_cap
+    more = [job(loop, model, [SHORT], f"r{i}") for i in range(4)]
+    for j in more:
+        worker.submit(j)
+        run(loop, [j])
+    worker.stop(10)
+    assert worker.row_cap > low  # clean batches let the cap grow back

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -36,6 +37,7 @@ from dynprompt.service.engine import Engine
 from dynprompt.service.metrics import UNKNOWN_MODEL, ServiceMetrics
 from dynprompt.service.registry import BackboneLoader, Registry
 from dynprompt.service.schemas import (
+    MODEL_NAME_PATTERN,
     ClassifyRequest,
     ClassifyResponse,
     Health,
@@ -43,6 +45,7 @@ from dynprompt.service.schemas import (
     ModelList,
     PairInput,
     Ready,
+    ReloadResult,
 )
 
 log = logging.getLogger("dynprompt.service")
@@ -286,6 +289,14 @@ def create_app(
             if (pair is not None) != entry.takes_pairs:
                 want = "{text, text_pair} objects" if entry.takes_pairs else "single texts"
                 raise errors.unprocessable(f"inputs.{i}: model {entry.name!r} takes {want}")
+            longest = max(len(text), len(pair or ""))
+            if longest > settings.max_input_chars:
+                raise errors.ServiceError(
+                    413,
+                    "input_too_large",
+                    f"inputs.{i}: {longest} characters; at most {settings.max_input_chars} "
+                    "per text",
+                )
             inputs.append((text, pair))
         state.rows = len(inputs)
         engine.admit()
@@ -351,11 +362,26 @@ def create_app(
         dependencies=auth,
         summary="One model's card",
     )
-    async def get_model(name: str) -> dict[str, Any]:
+    async def get_model(
+        name: str = PathParam(  # noqa: B008
+            min_length=1, max_length=128, pattern=MODEL_NAME_PATTERN, description="model name"
+        ),
+    ) -> dict[str, Any]:
         entry = registry.get(name)
         if entry is None:
             raise errors.not_found(name, registry.current.names)
         return entry.card()
+
+    @app.post(
+        "/v1/admin/reload",
+        response_model=ReloadResult,
+        responses=errors.responses(*maybe_401, 409, 500, 503),
+        dependencies=auth,
+        summary="Rescan the model repository and swap in new and changed checkpoints",
+    )
+    async def reload() -> dict[str, Any]:
+        report = await engine.reload()
+        return report.as_dict()
 
     @app.get("/health", response_model=Health, summary="Liveness: the process answers")
     async def health() -> dict[str, str]:

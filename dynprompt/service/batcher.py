@@ -10,6 +10,11 @@ length join them: little padding, and nobody starves. Rows of cancelled jobs
 (client gone, queue timeout) are dropped before compute. A batch is one
 `classify_rows` call; its results go back to the event loop with
 `call_soon_threadsafe`. A batch that raises fails its own jobs only.
+
+A batch that runs out of memory is split in halves and each half retried
+(recursively); the worker's row cap drops to the size that last failed, and
+creeps back up after `CAP_RECOVERY_BATCHES` clean batches. Only a row that runs
+out of memory alone fails, and only its own request (`RowTooLarge`, a 503).
 """
 
 from __future__ import annotations
@@ -36,6 +41,16 @@ QUEUED, RUNNING, DONE, CANCELLED = "queued", "running", "done", "cancelled"
 
 class BatchFailed(RuntimeError):
     """The batch holding this job's rows raised; the job's request answers 500."""
+
+
+class RowTooLarge(BatchFailed):
+    """One of this job's rows ran out of memory alone; the request answers 503."""
+
+
+# A batch that raises one of these is split in halves and retried (not failed).
+OUT_OF_MEMORY: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,)
+# After this many batches without running out of memory, the adaptive row cap grows by one.
+CAP_RECOVERY_BATCHES = 50
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,8 @@ class BackboneWorker:
         self._cond = threading.Condition()
         self._queue: list[_Row] = []  # arrival order
         self._stopping = False
+        self.row_cap = limits.max_batch_size  # adaptive: lowered when a batch runs out of memory
+        self._clean_batches = 0
         self._thread = threading.Thread(
             target=self._run, name=f"dynprompt-compute[{label}]", daemon=True
         )
@@ -161,7 +178,7 @@ class BackboneWorker:
                     continue
                 widest = max(r.cost for r in self._queue)
                 full = (
-                    len(self._queue) >= limits.max_batch_size
+                    len(self._queue) >= self.row_cap
                     or len(self._queue) * widest >= limits.max_batch_tokens
                 )
                 wait = self._queue[0].arrived + limits.max_wait_s - time.monotonic()
@@ -181,7 +198,7 @@ class BackboneWorker:
         order = sorted(range(len(queue)), key=lambda i: (abs(queue[i].cost - anchor), i))
         chosen, width = [order[0]], anchor
         for i in order[1:]:
-            if len(chosen) >= limits.max_batch_size:
+            if len(chosen) >= self.row_cap:
                 break
             cost = queue[i].cost
             wider = max(width, cost)
@@ -207,28 +224,89 @@ class BackboneWorker:
     def _execute(self, batch: list[_Row]) -> None:
         start = time.perf_counter()
         try:
-            with torch.inference_mode():
-                encoded = self.backbone.collate([r.tokens for r in batch], self.backbone.device)
-                results, stats = classify_rows(self.backbone, [r.job.model for r in batch], encoded)
+            outcomes = self._compute(batch)
         except Exception as exc:  # one bad batch fails its own requests, nothing else
             self._fail(batch, exc)
             return
         seconds = time.perf_counter() - start
+        self._adapt(batch, outcomes)
         jobs = {id(r.job): r.job for r in batch}
-        if self._on_batch is not None:
-            models = len({id(r.job.model) for r in batch})
-            self._on_batch(
-                self.label, seconds, stats.rows, stats.padded_tokens, stats.real_tokens, models
-            )
-        for row, result in zip(batch, results, strict=True):
-            row.job.results[row.index] = result
+        too_large: dict[int, BaseException] = {}
+        for row, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                too_large.setdefault(id(row.job), outcome)
+                continue
+            row.job.results[row.index] = outcome
             row.job.remaining -= 1
+        for key, error in too_large.items():
+            job = jobs.pop(key)
+            log.error(
+                "a row of request %s runs out of memory alone on backbone %s: %s",
+                job.request_id, self.label, error,
+            )  # fmt: skip
+            with self._cond:
+                job.state = CANCELLED
+            self._resolve(job, None, RowTooLarge(f"{type(error).__name__}: {error}"))
         for job in jobs.values():
             job.compute_s += seconds
-            if job.remaining == 0:
+            if job.remaining == 0 and job.state != CANCELLED:
                 with self._cond:
                     job.state = DONE
                 self._resolve(job, list(job.results), None)
+
+    def _compute(self, batch: list[_Row]) -> list[RowResult | BaseException]:
+        """Results in batch order; a batch out of memory is split in halves and retried.
+
+        A row out of memory alone comes back as its exception; other errors propagate.
+        """
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                encoded = self.backbone.collate([r.tokens for r in batch], self.backbone.device)
+                results, stats = classify_rows(self.backbone, [r.job.model for r in batch], encoded)
+        except OUT_OF_MEMORY as exc:
+            exc.with_traceback(None)  # drop the failed forward's frames and tensors
+            self._free_memory()
+            if len(batch) == 1:
+                return [exc]
+            self._lower_cap(len(batch))
+            half = len(batch) // 2
+            return self._compute(batch[:half]) + self._compute(batch[half:])
+        if self._on_batch is not None:
+            models = len({id(r.job.model) for r in batch})
+            self._on_batch(
+                self.label,
+                time.perf_counter() - start,
+                stats.rows,
+                stats.padded_tokens,
+                stats.real_tokens,
+                models,
+            )
+        return list(results)
+
+    def _lower_cap(self, failed_rows: int) -> None:
+        cap = max(1, failed_rows // 2)
+        if cap < self.row_cap:
+            log.warning(
+                "out of memory with %d rows on backbone %s: batches now hold at most %d rows",
+                failed_rows, self.label, cap,
+            )  # fmt: skip
+            self.row_cap = cap
+        self._clean_batches = 0
+
+    def _adapt(self, batch: list[_Row], outcomes: list[RowResult | BaseException]) -> None:
+        if any(isinstance(o, BaseException) for o in outcomes) or self.row_cap >= (
+            self.limits.max_batch_size
+        ):
+            return
+        self._clean_batches += 1
+        if self._clean_batches >= CAP_RECOVERY_BATCHES:
+            self._clean_batches = 0
+            self.row_cap += 1
+
+    def _free_memory(self) -> None:
+        if self.backbone.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _fail(self, batch: list[_Row], exc: BaseException) -> None:
         jobs = {id(r.job): r.job for r in batch}

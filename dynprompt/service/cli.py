@@ -1,5 +1,6 @@
 """`dynprompt serve`: settings, logging, threads, and uvicorn with a draining SIGTERM.
 
+SIGHUP rescans the model repository (as `POST /v1/admin/reload` does).
 SIGTERM (or Ctrl-C) starts a drain: `/ready` and new classify requests answer 503,
 requests already admitted finish (up to `--drain-timeout-s`), then the server
 exits 0. A second signal stops at once.
@@ -8,6 +9,7 @@ exits 0. A second signal stops at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 import uvicorn
 
+from dynprompt.service import errors
 from dynprompt.service.config import Settings, SettingsError, settings_from
 from dynprompt.service.engine import Engine
 
@@ -78,10 +81,25 @@ class DrainingServer(uvicorn.Server):
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            self._loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await super().serve(sockets)
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: rescanning the model repository")
+        task = asyncio.ensure_future(self._reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload(self) -> None:
+        try:
+            await self.engine.reload()
+        except errors.ServiceError as exc:
+            log.warning("SIGHUP reload not done: %s", exc.message)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None:
@@ -107,6 +125,36 @@ class DrainingServer(uvicorn.Server):
         """The models cannot be served: exit non-zero."""
         self.exit_code = 1
         self.should_exit = True
+
+
+def guarded_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, plus a deadline for a new connection's first request head.
+
+    uvicorn times out idle keep-alive connections but not a client that opens a connection
+    and trickles its headers (slow loris); this closes such a connection after
+    `header_timeout_s`.
+    """
+    base: type[Any]
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+
+    class GuardedProtocol(base):
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self._head_deadline = self.loop.call_later(header_timeout_s, self._head_timeout)
+
+        def _head_timeout(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                log.info("closing a connection that sent no complete request head in time")
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+    return GuardedProtocol
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
@@ -141,6 +189,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         lifespan="on",
         timeout_graceful_shutdown=10,
         server_header=False,
+        http=guarded_protocol(settings.header_timeout_s),
+        timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     server = DrainingServer(config, app.state.engine, settings.drain_timeout_s)
     servers.append(server)

@@ -79,6 +79,21 @@ class Settings(BaseModel):
     payload_limit_bytes: int = Field(
         1_048_576, ge=64, description="largest request body (larger: 413)"
     )
+    max_input_chars: int = Field(
+        20_000, ge=1, description="longest text (or text_pair) in characters (longer: 413)"
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a new connection that has not sent a complete request head within this "
+        "time is closed (slow clients)",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="an idle keep-alive connection is closed after this time"
+    )
+    max_header_bytes: int = Field(
+        16_384, ge=1024, description="largest request head (request line and headers)"
+    )
     api_keys: tuple[str, ...] = Field(
         (),
         description="Bearer key accepted on /v1 routes; repeat the flag for several, or "

@@ -22,10 +22,10 @@ import torch
 from dynprompt.models.backbone import TokenizedRow
 from dynprompt.models.inference import RowResult
 from dynprompt.service import errors
-from dynprompt.service.batcher import BatchFailed, Job
+from dynprompt.service.batcher import BatchFailed, Job, RowTooLarge
 from dynprompt.service.config import DEFAULT_REPOSITORY, Settings
 from dynprompt.service.metrics import ServiceMetrics
-from dynprompt.service.registry import ModelEntry, Registry, find_checkpoints
+from dynprompt.service.registry import ModelEntry, Registry, ReloadReport, find_checkpoints
 
 log = logging.getLogger("dynprompt.service")
 
@@ -72,6 +72,8 @@ class Engine:
         self.state = LOADING
         self.inflight = 0
         self.failure: str | None = None
+        self.root: Path | None = None  # the repository actually served
+        self._reloading: asyncio.Lock | None = None
         self.pool = ThreadPoolExecutor(settings.tokenizer_threads, "dynprompt-tokenize")
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -106,6 +108,7 @@ class Engine:
                 root, DEFAULT_REPOSITORY,
             )  # fmt: skip
             root = DEFAULT_REPOSITORY
+        self.root = root
         models = self.registry.load(root)
         self.registry.warm(models)
         self.registry.activate(models)
@@ -113,6 +116,22 @@ class Engine:
         if device.startswith("cuda"):
             self.metrics.track_gpu_memory(lambda: float(torch.cuda.memory_allocated(device)))
         log.info("loaded the model repository %s in %.1fs", root, time.perf_counter() - start)
+
+    async def reload(self) -> ReloadReport:
+        """Rescan the repository (admin endpoint, SIGHUP); one reload at a time."""
+        if self.state != READY or self.root is None:
+            raise errors.unavailable("not_ready", "models are not being served; cannot reload")
+        if self._reloading is None:
+            self._reloading = asyncio.Lock()
+        async with self._reloading:
+            root = self.root
+            try:
+                return await asyncio.to_thread(self.registry.reload, root)
+            except Exception as exc:  # the repository itself is unreadable: keep serving
+                log.error("reload of %s failed; still serving the previous set: %s", root, exc)
+                raise errors.ServiceError(
+                    409, "reload_failed", f"cannot rescan the model repository: {exc}"
+                ) from exc
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new work, wait for what is in flight; True if everything finished."""
@@ -189,6 +208,12 @@ class Engine:
             watcher.cancel()
         try:
             results = future.result()
+        except RowTooLarge as exc:
+            raise errors.unavailable(
+                "out_of_memory",
+                f"an input does not fit in the server's memory even alone; shorten it "
+                f"(request id {request_id})",
+            ) from exc
         except BatchFailed as exc:
             raise errors.internal(request_id) from exc
         return Outcome(rows, results, job.queue_s, job.compute_s)

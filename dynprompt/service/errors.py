@@ -144,11 +144,14 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "malformed JSON",
         401: "missing or wrong API key (only when the server has API keys)",
         404: "unknown model",
-        413: "body over the payload limit, or more inputs than max_client_batch_size",
+        409: "the model repository cannot be rescanned (the served models stay)",
+        413: "body over the payload limit, more inputs than max_client_batch_size, or a text "
+        "over max_input_chars",
         422: "invalid fields, empty text, or an input over max_length with truncate=false",
         429: "queue full; retry after Retry-After seconds",
         500: "internal error (logged with the request id)",
-        503: "not ready, draining, or the request waited past its queue timeout",
+        503: "not ready, draining, the request waited past its queue timeout, or an input "
+        "does not fit in memory even alone",
     }
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:

@@ -9,11 +9,12 @@ a new set and swaps it in whole, and a request keeps the entry it started with.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -54,6 +55,7 @@ class ModelEntry:
     version: str  # weights checksum
     model: DynPromptModel
     worker: BackboneWorker
+    loaded_at: float = field(default_factory=time.time)  # Unix time
 
     @property
     def config(self) -> DynPromptConfig:
@@ -78,6 +80,9 @@ class ModelEntry:
             "router_feature": config.router.feature if config.uses_router_features else None,
             "backbone": config.backbone.name_or_path,
             "version": self.version,
+            "loaded_at": dt.datetime.fromtimestamp(self.loaded_at, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
             "metrics": dict(config.training.metrics),
             "max_length": config.input.max_length,
             "pair_input": self.takes_pairs,
@@ -95,6 +100,24 @@ class ModelSet:
 
 
 EMPTY = ModelSet(MappingProxyType({}), ())
+
+
+@dataclass
+class ReloadReport:
+    """What one rescan of the repository did, by model name (refused: by folder)."""
+
+    loaded: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # folder -> reason
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "loaded": sorted(self.loaded),
+            "unchanged": sorted(self.unchanged),
+            "removed": sorted(self.removed),
+            "refused": [{"path": p, "reason": r} for p, r in sorted(self.refused.items())],
+        }
 
 
 def find_checkpoints(root: Path) -> list[Path]:
@@ -128,6 +151,7 @@ class Registry:
         self._backbones: dict[tuple[str, str, str], Backbone] = {}
         self._workers: dict[int, BackboneWorker] = {}  # id(backbone) -> its worker
         self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()
         self._current = EMPTY
 
     @property
@@ -167,20 +191,80 @@ class Registry:
                     f"{path / CONFIG_FILE}: field 'name': {config.name!r} is also the name of "
                     f"{entries[config.name].path}; model names must be unique"
                 )
-            shared = self.backbone(config.backbone.name_or_path)
-            model = load_checkpoint(path, backbone=shared)
-            self._check_fits(path, config, model.backbone)
-            worker = self._worker_for(model, private=model.backbone is not shared)
-            workers[id(model.backbone)] = worker
-            entry = ModelEntry(config.name, path, weights_checksum(path), model, worker)
+            entry = self._load_one(path, config)
+            workers[id(entry.model.backbone)] = entry.worker
             entries[config.name] = entry
-            log.info(
-                "loaded model %s (%s, prompt length %d, router feature %s) version %s from %s "
-                "on backbone %s",
-                entry.name, config.variant, config.prompt.length,
-                entry.card()["router_feature"] or "none", entry.version, path, worker.label,
-            )  # fmt: skip
         return ModelSet(MappingProxyType(entries), tuple(workers.values()))
+
+    def _load_one(self, path: Path, config: DynPromptConfig) -> ModelEntry:
+        version = weights_checksum(path)
+        shared = self.backbone(config.backbone.name_or_path)
+        model = load_checkpoint(path, backbone=shared)
+        self._check_fits(path, config, model.backbone)
+        worker = self._worker_for(model, private=model.backbone is not shared)
+        entry = ModelEntry(config.name, path, version, model, worker)
+        log.info(
+            "loaded model %s (%s, prompt length %d, router feature %s) version %s from %s "
+            "on backbone %s",
+            entry.name, config.variant, config.prompt.length,
+            entry.card()["router_feature"] or "none", entry.version, path, worker.label,
+        )  # fmt: skip
+        return entry
+
+    def reload(self, root: Path) -> ReloadReport:
+        """Rescan `root` while the current set keeps serving, then swap in the new set whole.
+
+        Unchanged checkpoints (same folder, same weights checksum) keep their loaded model;
+        new and changed ones load and warm here, off the serving path. A checkpoint that
+        fails to load or warm is refused with its reason, and the version already served
+        from that folder (if any) stays. Requests in flight keep the entry they started with.
+        """
+        with self._reload_lock:
+            current = self._current
+            by_path = {entry.path: entry for entry in current.models.values()}
+            report = ReloadReport()
+            entries: dict[str, ModelEntry] = {}
+            for path in find_checkpoints(root):
+                old = by_path.get(path)
+                try:
+                    config = read_config(path)
+                    taken = entries.get(config.name)
+                    if taken is not None:
+                        raise RepositoryError(
+                            f"{path / CONFIG_FILE}: field 'name': {config.name!r} is also the "
+                            f"name of {taken.path}; model names must be unique"
+                        )
+                    if (
+                        old is not None
+                        and old.name == config.name
+                        and old.version == weights_checksum(path)
+                    ):
+                        entries[old.name] = old
+                        report.unchanged.append(old.name)
+                        continue
+                    entry = self._load_one(path, config)
+                    self.warm(ModelSet(MappingProxyType({entry.name: entry}), (entry.worker,)))
+                except Exception as exc:  # any refusal keeps what is served
+                    reason = f"{type(exc).__name__}: {exc}"
+                    report.refused[str(path)] = reason
+                    kept = f"; still serving version {old.version}" if old is not None else ""
+                    log.error("refused checkpoint %s: %s%s", path, reason, kept)
+                    if old is not None and old.name not in entries:
+                        entries[old.name] = old
+                    continue
+                entries[entry.name] = entry
+                report.loaded.append(entry.name)
+            report.removed = sorted(set(current.models) - set(entries))
+            workers = {id(e.worker): e.worker for e in entries.values()}
+            self.activate(ModelSet(MappingProxyType(entries), tuple(workers.values())))
+            log.info(
+                "reloaded the model repository %s: %d loaded, %d unchanged, %d removed, "
+                "%d refused",
+                root, len(report.loaded), len(report.unchanged), len(report.removed),
+                len(report.refused),
+                extra={"fields": {"reload": report.as_dict()}},
+            )  # fmt: skip
+            return report
 
     def _check_fits(self, path: Path, config: DynPromptConfig, backbone: Backbone) -> None:
         limit = backbone.max_positions

@@ -16,6 +16,14 @@ def _not_blank(value: str) -> str:
 Text = Annotated[str, Field(min_length=1, strict=True), AfterValidator(_not_blank)]
 
 
+# What a checkpoint may be called (`dynprompt.models.config.NAME_PATTERN`); names are only
+# ever looked up in the loaded set, never used as paths.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ModelName = Annotated[
+    str, Field(min_length=1, max_length=128, pattern=MODEL_NAME_PATTERN, strict=True)
+]
+
+
 class PairInput(BaseModel):
     """One input for a model that reads text pairs (e.g. premise and hypothesis)."""
 
@@ -48,9 +56,7 @@ class ClassifyRequest(BaseModel):
             ]
         },
     )
-    model: Annotated[str, Field(min_length=1, max_length=256, strict=True)] = Field(
-        description="name of a loaded model (see GET /v1/models)"
-    )
+    model: ModelName = Field(description="name of a loaded model (see GET /v1/models)")
     inputs: list[Input] = Field(
         min_length=1,
         description="texts, or {text, text_pair} objects for pair models; at most the "
@@ -107,6 +113,7 @@ class ModelCard(BaseModel):
     )
     backbone: str
     version: str = Field(description="checksum of the checkpoint's weights")
+    loaded_at: str = Field(description="when this version was loaded (ISO 8601, UTC)")
     metrics: dict[str, float] = Field(description="dev metrics recorded at training")
     max_length: int = Field(description="longest input in tokens, special tokens included")
     pair_input: bool = Field(description="whether inputs are {text, text_pair} pairs")
@@ -123,3 +130,17 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: str
     models: int
+
+
+class RefusedCheckpoint(BaseModel):
+    path: str = Field(description="the checkpoint folder")
+    reason: str = Field(description="why it was not loaded")
+
+
+class ReloadResult(BaseModel):
+    loaded: list[str] = Field(description="models loaded or replaced by a new version")
+    unchanged: list[str] = Field(description="models whose weights did not change")
+    removed: list[str] = Field(description="models no longer in the repository")
+    refused: list[RefusedCheckpoint] = Field(
+        description="checkpoints that failed to load; the version served before stays"
+    )
