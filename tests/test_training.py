@@ -114,7 +114,7 @@ def tiny_config(tmp_path: Path, **fields: object) -> TrainConfig:
 
 def test_config_file_then_flags_override(tmp_path: Path) -> None:
     yaml_file = tmp_path / "c.yaml"
-    yaml_file.write_text("preset: sst2\nlr_prompt: 0.02\nbatch_size: 16\nlabels: [neg, pos]\n")
+    yaml_file.write_text("train_file: t.tsv\nlr_prompt: 0.02\nbatch_size: 16\nlabels: [neg, pos]\n")
     toml_file = tmp_path / "c.toml"
     toml_file.write_text('preset = "sst2"\nlr_prompt = 0.02\nvariant = "prefix"\n')
     assert read_config_file(toml_file)["variant"] == "prefix"
@@ -127,7 +127,7 @@ def test_config_file_then_flags_override(tmp_path: Path) -> None:
     assert config.batch_size == 16  # file beats default
     assert config.keep_best is False and config.max_steps == 7
     assert config.labels == ["neg", "pos"]
-    config, _ = resolve_train_config(["--preset", "sst2", "--labels", "a,b", "--name", "2024"])
+    config, _ = resolve_train_config(["--train-file", "t.tsv", "--labels", "a,b", "--name", "2024"])
     assert config.labels == ["a", "b"] and config.name == "2024"
     config, _ = resolve_train_config(["--task", "rte", "--task", "cb"])
     assert [t.name for t in config.task_list()] == ["rte", "cb"]
@@ -148,6 +148,8 @@ def test_bad_config_names_the_field(tmp_path: Path) -> None:
         build_config({"preset": "sst2"}, {"lr_prompt": -1})
     with pytest.raises(ConfigError, match="data source"):
         build_config({})
+    with pytest.raises(ConfigError, match="a preset has its own labels"):
+        build_config({"preset": "sst2", "labels": ["a", "b"]})
     with pytest.raises(ConfigError, match="needs `shots`"):
         build_config({"preset": "sst2", "regime": "fewshot"})
     bad = tmp_path / "bad.yaml"
@@ -327,6 +329,18 @@ def test_training_learns_a_separable_task_and_writes_logs(tmp_path: Path) -> Non
     assert (run / "plots" / "learning_curves.png").stat().st_size > 1000
     assert (run / "plots" / "routing.png").stat().st_size > 1000
     assert (run / "config.yaml").is_file()
+
+
+def test_early_stopping_and_best_checkpoint(tmp_path: Path) -> None:
+    backbone = tiny_backbone("bert")
+    # Learning rates near zero: the first evaluation stays the best, so one evaluation
+    # without improvement stops the run, and the kept weights are those of step 1.
+    frozen = {"lr_prompt": 1e-12, "lr_head": 1e-12, "lr_router": 1e-12}
+    config = tiny_config(tmp_path, max_steps=10, eval_every=1, early_stopping=2, **frozen)
+    result = train(config, backbone=backbone, log=lambda _m: None)
+    assert result.stopped_early and result.steps == 3 and result.best_step == 1
+    model = load_checkpoint(result.checkpoints["toy"], backbone)
+    assert model.config.training.steps == 1
 
 
 def test_multitask_gives_one_loadable_checkpoint_per_task(tmp_path: Path) -> None:
@@ -510,11 +524,14 @@ def test_experiment_report_and_cache(tmp_path: Path) -> None:
     table = summarise(records, ["sst2", "rte"], ["prefix", "instance_position"], [0, 1, 2])
     assert table["prefix"]["average"] == pytest.approx([0.70, 0.72, 0.74])
     out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir()
+    (out.parent / "results_discussion.md").write_text("### Reading these numbers\n\nhand-written")
     write_report(records, budget, ["sst2", "rte"], ["prefix", "instance_position"], [0, 1, 2], out)
     text = out.read_text()
     assert "| prefix (vanilla prompt tuning) | 72.0 ± 2.0 | 72.0 ± 2.0 | 72.0 ± 2.0 |" in text
     assert "sst2 +5.0" in text and "average +5.0" in text
     assert "CPU: test" in text and "5 steps" in text
+    assert "### Reading these numbers\n\nhand-written" in text
     assert out.with_suffix(".png").stat().st_size > 1000
     path = run_path(tmp_path / "runs", "sst2", "prefix", 0)
     path.parent.mkdir(parents=True)

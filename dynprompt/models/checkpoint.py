@@ -47,6 +47,8 @@ def save_checkpoint(
     tmp_weights = directory / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp_weights), metadata={"format": "pt", "dynprompt": "1"})
     tmp_weights.replace(directory / WEIGHTS_FILE)
+    # safetensors writes 0600 whatever the umask; a non-root server must be able to read it.
+    (directory / WEIGHTS_FILE).chmod(0o644)
     tmp_config = directory / (CONFIG_FILE + ".tmp")
     tmp_config.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     tmp_config.replace(directory / CONFIG_FILE)

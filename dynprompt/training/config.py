@@ -103,6 +103,8 @@ class TaskData(_Strict):
             )
         if self.preset is not None and (self.train_file is not None or self.dev_file is not None):
             raise ValueError("give either `preset` or `train_file`/`dev_file`, not both")
+        if self.preset is not None and self.labels is not None:
+            raise ValueError("`labels` maps file columns; a preset has its own labels")
         if self.regime == "fewshot" and self.shots is None:
             raise ValueError("regime 'fewshot' needs `shots` (examples per class)")
         if self.regime == "fewshot32" and self.preset is None:

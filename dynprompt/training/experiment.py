@@ -342,6 +342,10 @@ def write_report(
             cells.append(cell)
         lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     lines += ["", *_observations(table, tasks, methods), ""]
+    # Hand-written reading of the numbers, kept beside the report so a rerun keeps it.
+    discussion = path.with_name(path.stem + "_discussion.md")
+    if discussion.is_file():
+        lines += [discussion.read_text().strip(), ""]
     plot = path.with_suffix(".png")
     if _plot(table, tasks, methods, plot):
         lines += [f"![dev accuracy per task and method]({plot.name})", ""]
