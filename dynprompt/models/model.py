@@ -143,17 +143,17 @@ class DynPromptModel(nn.Module):
         *,
         tau: float | None = None,
         generator: torch.Generator | None = None,
+        features: Tensor | None = None,
     ) -> Output:
         """`tau` given: training with straight-through Gumbel-softmax at that temperature.
-        `tau` None: inference, argmax decisions that depend on each row alone."""
+        `tau` None: inference, argmax decisions that depend on each row alone.
+        `features`: router features computed earlier for these rows (they depend on the
+        frozen backbone only, so a trainer may cache them across epochs)."""
         backbone = self.backbone
         batch = encoded.input_ids.shape[0]
         token_embeds = backbone.embed(encoded.input_ids)
-        features = (
-            self.router_features(encoded, token_embeds)
-            if self.config.uses_router_features
-            else None
-        )
+        if features is None and self.config.uses_router_features:
+            features = self.router_features(encoded, token_embeds)
         routing = self.routers(features, batch, token_embeds.device, tau=tau, generator=generator)
         prompts = self.prompt_vectors(routing, batch)
         pad = backbone.embed(torch.tensor([backbone.pad_id], device=token_embeds.device))[0]

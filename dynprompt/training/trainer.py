@@ -194,16 +194,9 @@ class MultiTaskModule(nn.Module):
             batch = features.shape[0]
             zeros = torch.zeros(batch, dtype=torch.long, device=features.device)
             return Output(model.head(features), Routing(zeros, zeros))
-        if features is None:
-            out: Output = model(encoded, tau=tau, generator=generator)
-            return out
-        # Serve the cached router features instead of a second backbone pass.
-        object.__setattr__(model, "router_features", lambda _enc, _emb: features)
-        try:
-            cached: Output = model(encoded, tau=tau, generator=generator)
-        finally:
-            object.__delattr__(model, "router_features")
-        return cached
+        # Cached router features, when given, replace a second backbone pass.
+        out: Output = model(encoded, tau=tau, generator=generator, features=features)
+        return out
 
     def forward(
         self,
