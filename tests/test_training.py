@@ -545,3 +545,27 @@ def test_experiment_report_and_cache(tmp_path: Path) -> None:
     assert routed.key("instance_position") != budget.key("instance_position")
     assert Budget(lr_backbone=1.0).key("finetune") != Budget().key("finetune")
     assert Budget(lr_backbone=1.0).key("prefix") == Budget().key("prefix")
+
+
+@needs_data
+@needs_minilm
+def test_shipped_default_model_reaches_its_recorded_sst2_dev_accuracy(tmp_path: Path) -> None:
+    """The checkpoint `dynprompt serve` ships with: at least 0.85 on the full SST-2 dev set,
+    and exactly the figure its own config records (a backbone, tokeniser or assembly change
+    that moves it fails here)."""
+    from dynprompt.service.config import DEFAULT_REPOSITORY
+
+    torch.set_num_threads(2)
+    checkpoint = DEFAULT_REPOSITORY / "sst2"
+    config = read_config(checkpoint)
+    assert config.variant == "instance_position" and config.backbone.name_or_path == "minilm"
+    out = tmp_path / "eval.json"
+    assert (
+        eval_main([str(checkpoint), "--preset", "sst2", "--split", "dev", "--json", str(out)]) == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["n"] == 872
+    assert result["accuracy"] >= 0.85
+    assert result["accuracy"] == pytest.approx(config.training.metrics["dev_accuracy"], abs=1e-6)
+    # The router really routes: more than one split is used on dev.
+    assert len([v for v in result["tokens_before"].values() if v > 0]) > 1
