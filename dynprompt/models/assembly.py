@@ -91,10 +91,16 @@ def assemble(
     *,
     n_lead: int,
     n_trail: int,
+    seq_len: int | None = None,
 ) -> Assembled:
-    """Assemble each row with its own prompt length `m` and split `b` (one gather)."""
+    """Assemble each row with its own prompt length `m` and split `b` (one gather).
+
+    `seq_len` is the output width; by default the longest assembled row (which reads the
+    decisions back from the device). A wider `seq_len` only adds padding.
+    """
     batch, num_tokens, dim = token_embeds.shape
-    seq_len = int((lengths + m).max()) if batch else 0
+    if seq_len is None:
+        seq_len = int((lengths + m).max()) if batch else 0
     source, types = _sources(token_embeds, token_types, lengths, prompts, b, pad_embed)
     index = arrangement_index(
         lengths, m, b, n_lead=n_lead, n_trail=n_trail, num_tokens=num_tokens, seq_len=seq_len

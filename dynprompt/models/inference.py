@@ -1,25 +1,23 @@
-"""Inference over rows of many models that share one backbone, in one backbone pass.
+"""Inference over rows of many models that share one backbone: the batch pipeline with
+no gradient, probabilities and decisions copied to the host once.
 
-This is what makes per-input prompt placement servable: each row is routed by
-its own model, gets its own prompt length and split, and all rows still go
-through the backbone together. The router-feature pass (for models whose router
-reads the backbone) is batched too. A single model's `forward` computes the
-same numbers for the same rows; `tests/test_models.py` checks that.
+This is what makes per-input prompt placement servable: each row is routed by its
+own model, gets its own prompt length and split, and all rows still go through the
+backbone together. Rows are first ordered by model (the pipeline works on contiguous
+groups) and the answers put back in the caller's order.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
-from dynprompt.models.assembly import Assembled, assemble
 from dynprompt.models.backbone import Backbone, Encoded
-from dynprompt.models.model import DynPromptModel, masked_mean
+from dynprompt.models.model import DynPromptModel
+from dynprompt.models.pipeline import Group, forward_batch, groups_of, needs_backbone_features
 
 
 @dataclass
@@ -38,7 +36,22 @@ class BatchStats:
     prompt_tokens: int
 
 
-@torch.no_grad()
+def batch_order(models: Sequence[DynPromptModel]) -> list[int]:
+    """Rows ordered so that each model's rows are one run, the models whose routers read
+    the backbone first (their feature pass is then one slice), linear heads before
+    verbalizers; otherwise first come, first placed."""
+    first_seen: dict[int, int] = {}
+    for row, model in enumerate(models):
+        first_seen.setdefault(id(model), row)
+
+    def key(row: int) -> tuple[bool, bool, int]:
+        model = models[row]
+        return (not needs_backbone_features(model), model.head is None, first_seen[id(model)])
+
+    return sorted(range(len(models)), key=key)
+
+
+@torch.inference_mode()
 def classify_rows(
     backbone: Backbone, models: Sequence[DynPromptModel], encoded: Encoded
 ) -> tuple[list[RowResult], BatchStats]:
@@ -49,136 +62,70 @@ def classify_rows(
     for model in models:
         if model.backbone is not backbone:
             raise ValueError(f"model {model.name!r} does not run on this backbone instance")
-    device = backbone.device
-    encoded = encoded.to(device)
-    token_embeds = backbone.embed(encoded.input_ids)
-    mask = encoded.attention_mask
-
-    groups: dict[int, list[int]] = defaultdict(list)
-    by_id: dict[int, DynPromptModel] = {}
-    for row, model in enumerate(models):
-        groups[id(model)].append(row)
-        by_id[id(model)] = model
-
-    # Router features: the backbone pass runs once over every row whose model needs it.
-    features = masked_mean(token_embeds.float(), mask)
-    need_backbone = [
-        r
-        for r, m in enumerate(models)
-        if m.config.uses_router_features and m.config.router.feature == "backbone"
-    ]
-    if need_backbone:
-        sub = encoded.select(need_backbone)
-        hidden = backbone.hidden_states(
-            token_embeds[need_backbone, : sub.input_ids.shape[1]],
-            sub.attention_mask,
-            sub.token_type_ids,
-        )
-        features[need_backbone] = masked_mean(hidden.float(), sub.attention_mask)
-
-    # Per model: decisions and prompt vectors, scattered into batch-wide tensors.
-    max_len = max(m.config.prompt.length for m in models)
-    prompts = torch.zeros(batch, max_len, backbone.hidden_size, device=device, dtype=backbone.dtype)
-    m_all = torch.zeros(batch, dtype=torch.long, device=device)
-    b_all = torch.zeros(batch, dtype=torch.long, device=device)
-    pools: dict[int, Tensor] = {}
-    for key, rows in groups.items():
-        model = by_id[key]
-        index = torch.tensor(rows, device=device)
-        routing = model.routers(features[index], len(rows), device)
-        m_all[index] = routing.length
-        b_all[index] = routing.before
-        vectors = model.prompt_vectors(routing, len(rows))
-        prompts[index, : vectors.shape[1]] = vectors.to(prompts.dtype)
-        if routing.pool_weights is not None:
-            pools.update(zip(rows, routing.pool_weights, strict=True))
-
-    pad = backbone.embed(torch.tensor([backbone.pad_id], device=device))[0]
-    assembled = assemble(
-        token_embeds,
-        encoded.token_type_ids,
-        encoded.lengths,
-        prompts,
-        m_all,
-        b_all,
-        pad,
-        n_lead=backbone.n_lead,
-        n_trail=backbone.n_trail,
-    )
-
-    # One backbone pass per head kind (encoders only ever have linear heads); then each
-    # model's head once over all of its rows.
-    probs: dict[int, Tensor] = {}
-    linear_rows = [r for r, m in enumerate(models) if m.head is not None]
-    verbal_rows = [r for r, m in enumerate(models) if m.head is None]
-    if linear_rows:
-        part = _select(assembled, linear_rows)
-        hidden = backbone.hidden_states(
-            part.inputs_embeds, part.attention_mask, part.token_type_ids
-        )
-        pooled_mean = masked_mean(hidden.float(), part.attention_mask)
-        pooled_first = hidden[:, 0].float()
-        for model, positions in _by_model(models, linear_rows):
-            assert model.head is not None
-            source = pooled_first if model.config.head.pooling == "first" else pooled_mean
-            out = F.softmax(model.head(source[positions]), dim=-1)
-            for i, p in enumerate(positions):
-                probs[linear_rows[p]] = out[i]
-    if verbal_rows:
-        part = _select(assembled, verbal_rows)
-        logits = backbone.verbalizer_logits(
-            part.inputs_embeds, part.attention_mask, part.token_type_ids
-        )
-        for model, positions in _by_model(models, verbal_rows):
-            assert model.label_ids is not None
-            out = F.softmax(logits[positions][:, model.label_ids].float(), dim=-1)
-            for i, p in enumerate(positions):
-                probs[verbal_rows[p]] = out[i]
-
-    # One device-to-host copy for everything the caller reads.
-    prob_lists = [probs[r].tolist() for r in range(batch)]
-    lengths, befores = m_all.tolist(), b_all.tolist()
-    pool_lists = {r: w.tolist() for r, w in pools.items()}
-    results = [
-        RowResult(
-            probs=prob_lists[r],
-            prompt_length=int(lengths[r]),
-            tokens_before=int(befores[r]),
-            pool_weights=pool_lists.get(r),
-        )
-        for r in range(batch)
-    ]
-    width = assembled.attention_mask.shape[1]
-    stats = BatchStats(
-        rows=batch,
-        padded_tokens=batch * width,
-        real_tokens=int(assembled.attention_mask.sum()),
-        prompt_tokens=int(sum(lengths)),
-    )
+    order = batch_order(models)
+    if order != list(range(batch)):
+        encoded = encoded.select(order)
+        models = [models[r] for r in order]
+    groups = groups_of(models)
+    assert groups is not None
+    results, stats = _run(backbone, groups, encoded.to(backbone.device))
+    if order != list(range(batch)):
+        placed: list[RowResult | None] = [None] * batch
+        for result, row in zip(results, order, strict=True):
+            placed[row] = result
+        results = [r for r in placed if r is not None]
     return results, stats
 
 
-def _by_model(
-    models: Sequence[DynPromptModel], rows: list[int]
-) -> list[tuple[DynPromptModel, list[int]]]:
-    """Group `rows` by model; positions are indices into `rows`."""
-    groups: dict[int, tuple[DynPromptModel, list[int]]] = {}
-    for position, row in enumerate(rows):
-        groups.setdefault(id(models[row]), (models[row], []))[1].append(position)
-    return list(groups.values())
-
-
-def _select(assembled: Assembled, rows: list[int]) -> Assembled:
-    if len(rows) == assembled.inputs_embeds.shape[0]:
-        return assembled
-    index = torch.tensor(rows, device=assembled.inputs_embeds.device)
-    width = int(assembled.attention_mask[index].sum(dim=1).max())
-    return Assembled(
-        assembled.inputs_embeds[index, :width],
-        assembled.attention_mask[index, :width],
-        assembled.token_type_ids[index, :width],
-        assembled.position_ids[index, :width],
+def _run(
+    backbone: Backbone, groups: list[Group], encoded: Encoded
+) -> tuple[list[RowResult], BatchStats]:
+    width_bound = max(encoded.host_lengths, default=0) + max(
+        g.model.config.prompt.length for g in groups
     )
+    out = forward_batch(backbone, groups, encoded, seq_len=width_bound)
+    # Everything the caller reads, packed into one tensor: one device-to-host copy.
+    labels = max(logits.shape[1] for logits in out.logits)
+    pools = [r.pool_weights for r in out.routings]
+    pool_width = max((p.shape[1] for p in pools if p is not None), default=0)
+    columns = [
+        F.pad(F.softmax(logits, dim=-1), (0, labels - logits.shape[1])) for logits in out.logits
+    ]
+    probs = columns[0] if len(columns) == 1 else torch.cat(columns)
+    parts = [probs, out.length[:, None].float(), out.before[:, None].float()]
+    if pool_width:
+        parts.append(
+            torch.cat(
+                [
+                    F.pad(p, (0, pool_width - p.shape[1]))
+                    if p is not None
+                    else probs.new_zeros(g.size, pool_width)
+                    for g, p in zip(groups, pools, strict=True)
+                ]
+            )
+        )
+    packed = torch.cat(parts, dim=1).cpu().tolist()
+    results = []
+    for g, pool in zip(groups, pools, strict=True):
+        n_labels = len(g.model.config.head.labels)
+        n_pool = pool.shape[1] if pool is not None else 0
+        for row in packed[g.start : g.stop]:
+            results.append(
+                RowResult(
+                    probs=row[:n_labels],
+                    prompt_length=int(row[labels]),
+                    tokens_before=int(row[labels + 1]),
+                    pool_weights=row[labels + 2 : labels + 2 + n_pool] if n_pool else None,
+                )
+            )
+    prompt_tokens = sum(r.prompt_length for r in results)
+    stats = BatchStats(
+        rows=len(results),
+        padded_tokens=len(results) * out.width,
+        real_tokens=sum(encoded.host_lengths) + prompt_tokens,
+        prompt_tokens=prompt_tokens,
+    )
+    return results, stats
 
 
 def predict(

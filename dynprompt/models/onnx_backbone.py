@@ -309,9 +309,14 @@ class OnnxBackbone(Backbone):
         return self.ort.run_hidden(inputs_embeds, attention_mask, token_type_ids)
 
     def verbalizer_logits(
-        self, inputs_embeds: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor | None = None,
+        label_ids: Tensor | None = None,
     ) -> Tensor:
-        """Vocabulary logits at T5's first decoder step or a decoder's last real position."""
+        """Vocabulary logits at T5's first decoder step or a decoder's last real position
+        (only the `label_ids` columns, when given)."""
         self._inference_only(inputs_embeds)
         if self.family == "encoder":
             raise BackboneError("an encoder backbone has no verbalizer logits; use a linear head")
@@ -319,7 +324,8 @@ class OnnxBackbone(Backbone):
         if runtime.verbalizer is None:
             raise BackboneError(f"the ONNX export in {self.export_dir} has no verbalizer graph")
         hidden = runtime.run_hidden(inputs_embeds, attention_mask, None, stay=True)
-        return runtime.run_verbalizer(hidden, attention_mask)
+        logits = runtime.run_verbalizer(hidden, attention_mask)
+        return logits if label_ids is None else logits[:, label_ids.to(logits.device)]
 
     def describe(self) -> str:
         runtime = self.ort

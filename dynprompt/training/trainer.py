@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from dynprompt.models.backbone import Backbone, load_backbone
 from dynprompt.models.checkpoint import save_checkpoint
 from dynprompt.models.config import VARIANT_DECISIONS, TrainingInfo, make_config
-from dynprompt.models.model import DynPromptModel, Output, masked_mean
+from dynprompt.models.model import DynPromptModel, Output
+from dynprompt.models.pipeline import frozen_features
 from dynprompt.models.routers import Routing
 from dynprompt.training.config import TrainConfig, dump_config
 from dynprompt.training.evaluate import EvalResult, evaluate_rows
@@ -151,10 +152,8 @@ class FrozenFeatures:
         if missing:
             bb = self.backbone
             encoded = bb.collate([self.rows.rows[i] for i in missing], device=bb.device)
-            mask = encoded.attention_mask
-            hidden = bb.hidden_states(bb.embed(encoded.input_ids), mask, encoded.token_type_ids)
             index = torch.tensor(missing, device=bb.device)
-            self.values[index] = masked_mean(hidden.float(), mask)
+            self.values[index] = frozen_features(bb, encoded, bb.embed(encoded.input_ids))
             self.done[missing] = True
         return self.values[torch.tensor(indices, device=self.values.device)]
 
