@@ -8,6 +8,8 @@ BENCHMARKS = {
     "assembly": ("benchmarks.assembly", "prompt assembly time over the backbone forward"),
     "serving": ("benchmarks.serving", "HTTP throughput, latency, batching gain, cost of dynamism"),
     "onnx": ("benchmarks.onnx_vs_torch", "ONNX Runtime over PyTorch eager"),
+    "overhead": ("benchmarks.overhead", "the request path's CPU cost per request, compute aside"),
+    "gpu": ("benchmarks.gpu", "CUDA: bare ceiling, batch pipeline and server (exits 0 on a CPU)"),
 }
 
 

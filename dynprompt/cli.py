@@ -14,6 +14,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("dynprompt.training.cli", "train_main", "train a dynamic-prompt checkpoint"),
     "eval": ("dynprompt.training.cli", "eval_main", "evaluate a checkpoint on labelled data"),
+    "predict": (
+        "dynprompt.training.predict",
+        "predict_main",
+        "classify an unlabelled file or stdin with a checkpoint",
+    ),
     "experiment": (
         "dynprompt.training.experiment",
         "experiment_main",
@@ -26,9 +31,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: dynprompt <command> [options]", "", "commands:"]
+    lines = ["usage: dynprompt [-h] [-V] <command> [options]", "", "commands:"]
     lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "Run `dynprompt <command> --help` for the options of one command."]
+    lines += [
+        "",
+        "options:",
+        "  -h, --help     show this help and exit",
+        "  -V, --version  print the version and exit",
+        "",
+        "Run `dynprompt <command> --help` for the options of one command.",
+    ]
     return "\n".join(lines)
 
 
@@ -45,7 +57,10 @@ def _add_source_checkout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in {"-h", "--help"}:
+    if not args:  # a command is required: say which exist, and fail like a usage error
+        print(_usage(), file=sys.stderr)
+        return 2
+    if args[0] in {"-h", "--help"}:
         print(_usage())
         return 0
     if args[0] in {"-V", "--version"}:

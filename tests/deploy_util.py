@@ -48,6 +48,10 @@ METRIC_LABELS: dict[str, set[str]] = {
     "dynprompt_queue_depth": set(),
     "dynprompt_model_info": {"model", "variant", "backbone"},
     "dynprompt_gpu_memory_bytes": set(),
+    # Not in DESIGN §4 either: CPU time of the threads running batches (the compute share of
+    # `dynprompt bench overhead`), and the server's version and how it computes.
+    "dynprompt_compute_cpu_seconds_total": {"backbone"},
+    "dynprompt_build_info": {"version", "backend", "device", "dtype"},
 }
 HISTOGRAMS = {
     "dynprompt_request_duration_seconds",

@@ -411,3 +411,54 @@ def test_hf_without_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails, nothing is fetched
     with pytest.raises(DataError, match=r"hf:glue/sst2\[train\].*optional package `datasets`"):
         load_hf("glue", "train", ColumnMapping(text="sentence", label="label"), config="sst2")
+
+
+# --------------------------------------------------------------------------- layouts, streaming
+
+
+def test_read_inputs_streams_rows_with_their_lines(tmp_path: Path) -> None:
+    from dynprompt.training.data import InputRow, Layout, read_inputs
+
+    f = tmp_path / "in.tsv"
+    f.write_bytes(b"\xef\xbb\xbfreview\tid\r\ngood fun\t1\r\n\r\nsad plot\t2\r\n")
+    rows = read_inputs(f, Layout(text_field="review"))
+    assert next(rows) == InputRow(2, "good fun", None)  # BOM and CRLF gone
+    assert list(rows) == [InputRow(4, "sad plot", None)]
+    # A bad row is reported when it is reached: the rows before it have come out.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": "x", "b": "y"}\n{"a": "x"}\n')
+    rows = read_inputs(bad, Layout(text_field="a", pair_field="b"))
+    assert next(rows) == InputRow(1, "x", "y")
+    with pytest.raises(DataError, match=r"bad\.jsonl line 2: field 'b': missing"):
+        next(rows)
+
+
+def test_layout_format_comes_from_the_flag_the_suffix_or_the_checkpoint(tmp_path: Path) -> None:
+    from dynprompt.training.data import Layout
+
+    stored = Layout(format="csv")
+    assert stored.resolve_format(tmp_path / "a.jsonl") == "jsonl"  # the suffix first
+    assert stored.resolve_format(tmp_path / "a.txt") == "csv"  # else what was stored
+    assert stored.resolve_format(tmp_path / "a.jsonl", "tsv") == "tsv"  # a flag beats both
+    assert stored.resolve_format("-") == "csv"
+    with pytest.raises(DataError, match="<stdin>: say which format"):
+        Layout().resolve_format("-")
+    with pytest.raises(DataError, match="cannot tell the format"):
+        Layout().resolve_format(tmp_path / "a.txt")
+
+
+@needs_data
+def test_preset_layout_reads_files_like_the_preset() -> None:
+    """A checkpoint trained on a preset stores the preset; its files then read with the
+    preset's own way of building texts (WiC: "word: sentence1", with sentence2 as pair)."""
+    from dynprompt.training.data import Layout, read_inputs, read_labelled
+
+    path = DATA / "superglue" / "wic" / "val.jsonl"
+    layout = Layout.of_preset("wic")
+    assert (layout.format, layout.pair_field, layout.preset) == ("jsonl", "sentence2", "wic")
+    first = next(read_inputs(path, layout))
+    record = json.loads(path.read_text().splitlines()[0])
+    assert first.text == f"{record['word']}: {record['sentence1']}"
+    assert first.text_pair == record["sentence2"]
+    labelled = read_labelled(path, layout, ["false", "true"])
+    assert len(labelled) == 638 and labelled.examples[0].text == first.text

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from dynprompt.models import Backbone, DynPromptModel
+from tests.conftest import sst2_rows
 from tests.server_util import (
     ServerProcess,
     assert_result_matches,
@@ -137,6 +138,32 @@ def test_answers_equal_offline_whatever_the_mix(server: ServerProcess, repo: Rep
     assert sample(after, "dynprompt_batch_size_bucket", le="16.0") == sample(
         after, "dynprompt_batch_size_count"
     )
+
+
+def test_a_25000_character_input_is_cut_or_refused(server: ServerProcess, repo: Repo) -> None:
+    """With truncate (the default) any text within the payload limit is answered; it is cut
+    by characters before tokenising, so its cost is that of what the model reads."""
+    sentences = [text for text, _ in sst2_rows("train", 2000)]
+    review, i = "", 0
+    while len(review) < 25_000:
+        review, i = review + sentences[i] + " ", i + 1
+    model = repo[1]["ipos"]
+    r = httpx.post(
+        server.url + "/v1/classify",
+        json={"model": "ipos", "inputs": [review], "return_routing": True},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    (got,) = r.json()["results"]
+    assert got["truncated"] is True
+    (want,) = offline_predictions(model, [review])
+    assert_result_matches(got, want, model.labels)
+    r = httpx.post(
+        server.url + "/v1/classify",
+        json={"model": "ipos", "inputs": [review], "truncate": False},
+        timeout=60,
+    )
+    assert r.status_code == 422 and r.json()["error"]["type"] == "input_too_long", r.text
 
 
 def test_two_checkpoints_on_one_backbone_share_batches(server: ServerProcess, repo: Repo) -> None:

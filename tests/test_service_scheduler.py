@@ -1,21 +1,26 @@
-"""The batcher and registry in-process: grouping by length, limits, cancellation, failure isolation,
-shared backbones, and half precision. (The HTTP-level behaviour is in the other test_service files.)"""
+"""The worker, scheduler and registry in-process: grouping by length, limits, cancellation,
+failure isolation, shared backbones, and half precision. (The HTTP-level behaviour is in the
+other test_service files.)"""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
+import itertools
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-import dynprompt.service.batcher as batcher
-from dynprompt.models import Backbone, DynPromptModel, RowResult, load_backbone
-from dynprompt.service.batcher import BackboneWorker, BatchFailed, BatchLimits, Job
+import dynprompt.service.worker as worker_module
+from dynprompt.models import Backbone, DynPromptModel, RowResult, load_backbone, save_checkpoint
+from dynprompt.service import protocol
 from dynprompt.service.metrics import ServiceMetrics
-from dynprompt.service.registry import Registry, RepositoryError
+from dynprompt.service.protocol import Answer, Submission
+from dynprompt.service.registry import ModelEntry, Registry, RepositoryError
+from dynprompt.service.scheduler import BatchLimits
+from dynprompt.service.worker import BackboneWorker, Job
 from tests.server_util import (
     build_model,
     build_repository,
@@ -23,13 +28,28 @@ from tests.server_util import (
 )
 
 SHORT, LONG = "fine", "a long and winding sentence that goes on about the film " * 3
+_TICKETS = itertools.count(1)
 
 
-@pytest.fixture()
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
+class Collect:
+    """A reply target that keeps every answer, by ticket."""
+
+    def __init__(self) -> None:
+        self.answers: dict[int, Answer] = {}
+        self.done = threading.Condition()
+
+    def deliver(self, answers: list[Answer]) -> None:
+        with self.done:
+            for answer in answers:
+                self.answers[answer.ticket] = answer
+            self.done.notify_all()
+
+    def wait(self, jobs: list[Job], timeout: float = 60) -> list[Answer]:
+        deadline = time.monotonic() + timeout
+        with self.done:
+            while not all(j.sub.ticket in self.answers for j in jobs):
+                assert self.done.wait(max(0.0, deadline - time.monotonic())), "no answer"
+        return [self.answers[j.sub.ticket] for j in jobs]
 
 
 @pytest.fixture(scope="module")
@@ -37,31 +57,27 @@ def model(minilm: Backbone) -> DynPromptModel:
     return build_model("m", minilm, variant="prefix", feature="embeddings", labels=["neg", "pos"])
 
 
+def entry_of(model: DynPromptModel, worker: BackboneWorker) -> ModelEntry:
+    return ModelEntry(model.name, Path("."), "v", model, worker)
+
+
 def job(
-    loop: asyncio.AbstractEventLoop, model: DynPromptModel, texts: list[str], rid: str = "r"
+    entry: ModelEntry, target: Collect, texts: list[str], rid: str = "r", timeout: float = 60
 ) -> Job:
-    rows = [model.backbone.tokenize_row(t, None, model.config.input.max_length) for t in texts]
-    return Job(rid, model, rows, loop, loop.create_future())
+    now = time.monotonic()
+    inputs: list[tuple[str, str | None]] = [(t, None) for t in texts]
+    sub = Submission(next(_TICKETS), rid, entry.name, inputs, True, now, now + timeout)
+    return Job(sub, entry, target)
 
 
 def worker_with(
     model: DynPromptModel, limits: BatchLimits, batches: list[tuple[Any, ...]]
-) -> BackboneWorker:
+) -> tuple[BackboneWorker, ModelEntry]:
     def record(*args: Any) -> None:
         batches.append(args)
 
-    return BackboneWorker(model.backbone, "minilm", limits, on_batch=record)
-
-
-def run(loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> list[Any]:
-    async def wait() -> list[Any]:
-        return list(
-            await asyncio.wait_for(
-                asyncio.gather(*(j.future for j in jobs), return_exceptions=True), 60
-            )
-        )
-
-    return loop.run_until_complete(wait())
+    worker = BackboneWorker(model.backbone, "minilm", limits, on_batch=record)
+    return worker, entry_of(model, worker)
 
 
 @pytest.mark.parametrize(
@@ -69,91 +85,100 @@ def run(loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> list[Any]:
     [(4, 0.5, [4, 4]), (16, 0.5, [4, 4]), (16, 1e9, [8])],
 )
 def test_rows_are_grouped_by_length(
-    loop: asyncio.AbstractEventLoop,
-    model: DynPromptModel,
-    max_batch_size: int,
-    tolerance: float,
-    sizes: list[int],
+    model: DynPromptModel, max_batch_size: int, tolerance: float, sizes: list[int]
 ) -> None:
     batches: list[tuple[Any, ...]] = []
     limits = BatchLimits(max_batch_size, 10**6, 0.0, tolerance)
-    worker = worker_with(model, limits, batches)
+    worker, entry = worker_with(model, limits, batches)
+    target = Collect()
     texts = [SHORT if i % 2 == 0 else LONG for i in range(8)]  # arrivals alternate short/long
-    jobs = [job(loop, model, [t], str(i)) for i, t in enumerate(texts)]
+    jobs = [job(entry, target, [t], str(i)) for i, t in enumerate(texts)]
     for j in jobs:
-        worker.submit(j)  # all queued before the thread starts
+        worker.submit(j)  # all queued before the threads start
     worker.start()
-    results = run(loop, jobs)
+    answers = target.wait(jobs)
     worker.stop(10)
-    assert [b[2] for b in batches] == sizes
-    no_padding = all(padded == real for _, _, _, padded, real, _ in batches)
+    assert [b[3] for b in batches] == sizes
+    no_padding = all(padded == real for *_, padded, real, _ in batches)
     assert no_padding == (len(sizes) == 2)  # grouped by length, or (tolerance off) mixed
     want = offline_predictions(model, texts)
-    for got, ref in zip(results, want, strict=True):
-        assert got[0].probs == pytest.approx(ref.probs, abs=1e-5)
+    for got, ref in zip(answers, want, strict=True):
+        assert got.rows[0].probs == pytest.approx(ref.probs, abs=1e-5)
 
 
-def test_batch_closes_at_the_token_budget(
-    loop: asyncio.AbstractEventLoop, model: DynPromptModel
-) -> None:
+def test_batch_closes_at_the_token_budget(model: DynPromptModel) -> None:
     batches: list[tuple[Any, ...]] = []
     cost = len(model.backbone.tokenize_row(LONG, None, 128).input_ids) + model.config.prompt.length
-    worker = worker_with(
+    worker, entry = worker_with(
         model, BatchLimits(max_batch_size=64, max_batch_tokens=3 * cost, max_wait_s=0.0), batches
     )
-    jobs = [job(loop, model, [LONG] * 7)]
+    target = Collect()
+    jobs = [job(entry, target, [LONG] * 7)]
     worker.submit(jobs[0])
     worker.start()
-    (results,) = run(loop, jobs)
+    (answer,) = target.wait(jobs)
     worker.stop(10)
-    assert [b[2] for b in batches] == [3, 3, 1]
-    assert all(padded <= 3 * cost for _, _, _, padded, _, _ in batches)
-    assert len(results) == 7 and jobs[0].compute_s > 0
+    assert [b[3] for b in batches] == [3, 3, 1]
+    assert all(padded <= 3 * cost for *_, padded, _, _ in batches)
+    assert len(answer.rows) == 7 and answer.compute_s > 0
 
 
-def test_cancelled_jobs_are_skipped(loop: asyncio.AbstractEventLoop, model: DynPromptModel) -> None:
+def test_cancelled_jobs_are_skipped(model: DynPromptModel) -> None:
     batches: list[tuple[Any, ...]] = []
-    worker = worker_with(model, BatchLimits(max_batch_size=8, max_wait_s=0.0), batches)
-    gone, kept = job(loop, model, [SHORT, LONG], "gone"), job(loop, model, [SHORT], "kept")
+    worker, entry = worker_with(model, BatchLimits(max_batch_size=8, max_wait_s=0.0), batches)
+    target = Collect()
+    gone, kept = job(entry, target, [SHORT, LONG], "gone"), job(entry, target, [SHORT], "kept")
     worker.submit(gone)
     worker.submit(kept)
     assert worker.cancel(gone) and worker.cancel(gone)  # idempotent while queued
     worker.start()
-    run(loop, [kept])
+    target.wait([kept])
     worker.stop(10)
-    assert [b[2] for b in batches] == [1] and not gone.future.done()
+    assert [b[3] for b in batches] == [1] and gone.sub.ticket not in target.answers
     assert not worker.cancel(kept)  # finished jobs cannot be cancelled
 
 
 def test_a_failing_batch_fails_only_its_own_jobs(
-    loop: asyncio.AbstractEventLoop, model: DynPromptModel, monkeypatch: pytest.MonkeyPatch
+    model: DynPromptModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = batcher.classify_rows
+    real = worker_module.classify_rows
 
     def flaky(backbone: Any, models: Any, encoded: Any) -> tuple[list[RowResult], Any]:
         if any("xyzzy" in backbone.tokenizer.decode(ids) for ids in encoded.input_ids.tolist()):
             raise RuntimeError("injected")
         return real(backbone, models, encoded)
 
-    monkeypatch.setattr(batcher, "classify_rows", flaky)
-    worker = worker_with(model, BatchLimits(max_batch_size=1, max_wait_s=0.0), [])
+    monkeypatch.setattr(worker_module, "classify_rows", flaky)
+    worker, entry = worker_with(model, BatchLimits(max_batch_size=1, max_wait_s=0.0), [])
+    target = Collect()
     jobs = [
-        job(loop, model, [SHORT], "a"),
-        job(loop, model, ["xyzzy", SHORT], "b"),
-        job(loop, model, [LONG], "c"),
+        job(entry, target, [SHORT], "a"),
+        job(entry, target, ["xyzzy", SHORT], "b"),
+        job(entry, target, [LONG], "c"),
     ]
     for j in jobs:
         worker.submit(j)
     worker.start()
-    a, b, c = run(loop, jobs)
+    a, b, c = target.wait(jobs)
     worker.stop(10)
-    assert isinstance(b, BatchFailed) and "injected" in str(b)
-    assert isinstance(a, list) and isinstance(c, list)
-    assert jobs[1].state == batcher.CANCELLED  # its second row never ran
+    assert b.error == protocol.INTERNAL and "request id b" in b.message
+    assert a.error is None and c.error is None and len(a.rows) == len(c.rows) == 1
+    assert jobs[1].state == worker_module.CANCELLED  # its second row never ran
+
+
+def test_a_request_not_started_by_its_deadline_is_answered_503(model: DynPromptModel) -> None:
+    worker, entry = worker_with(model, BatchLimits(max_batch_size=4, max_wait_s=30.0), [])
+    target = Collect()
+    late = job(entry, target, [SHORT], "late", timeout=0.3)
+    worker.submit(late)
+    worker.start()
+    (answer,) = target.wait([late], timeout=20)
+    worker.stop(10)
+    assert answer.error == protocol.QUEUE_TIMEOUT and answer.queue_s is None
 
 
 def test_registry_shares_backbones_and_runs_half_precision(
-    tmp_path: Path, loop: asyncio.AbstractEventLoop, minilm: Backbone
+    tmp_path: Path, minilm: Backbone
 ) -> None:
     models = build_repository(tmp_path, minilm, {
         "a": {"variant": "dynamic", "feature": "backbone", "labels": ["neg", "pos"]},
@@ -177,13 +202,14 @@ def test_registry_shares_backbones_and_runs_half_precision(
     registry.warm(served)
     registry.activate(served)
     texts = ["a warm and witty film", "a cold, clumsy mess"]
-    jobs = [job(loop, served.models[name].model, texts, name) for name in ("a", "b")]
+    target = Collect()
+    jobs = [job(served.models[name], target, texts, name) for name in ("a", "b")]
     for j in jobs:
         served.workers[0].submit(j)
-    results = run(loop, jobs)
+    answers = target.wait(jobs)
     registry.stop(10)
-    for name, got in zip(("a", "b"), results, strict=True):
-        for g, want in zip(got, offline_predictions(models[name], texts), strict=True):
+    for name, answer in zip(("a", "b"), answers, strict=True):
+        for g, want in zip(answer.rows, offline_predictions(models[name], texts), strict=True):
             assert sum(g.probs) == pytest.approx(1.0, abs=1e-3)
             assert g.probs == pytest.approx(want.probs, abs=2e-2)  # fp16 vs the fp32 reference
     assert 'model="a",variant="dynamic"' in metrics.render().decode()
@@ -193,18 +219,29 @@ def test_repository_errors_name_the_path(tmp_path: Path, minilm: Backbone) -> No
     registry = Registry(lambda *a: minilm, "cpu", torch.float32, BatchLimits(), ServiceMetrics())
     with pytest.raises(RepositoryError, match="not found"):
         registry.load(tmp_path / "missing")
+    # Checkpoints one level too deep are not a version folder; `same/` and `same/1/` are both
+    # version 1 of `same`. Each is refused with its path and reason, and as nothing loads,
+    # loading fails naming every one of them.
     build_repository(tmp_path / "x", minilm, {"same": {"variant": "prefix", "labels": ["a", "b"]}})
-    build_repository(tmp_path / "y", minilm, {"same": {"variant": "prefix", "labels": ["a", "b"]}})
-    with pytest.raises(RepositoryError, match="unique"):
+    model = build_model("same", minilm, variant="prefix", labels=["a", "b"])
+    save_checkpoint(model, tmp_path / "same")
+    save_checkpoint(model, tmp_path / "same" / "1")
+    with pytest.raises(RepositoryError, match="no checkpoint could be loaded") as refused:
         registry.load(tmp_path)
+    message = str(refused.value)
+    assert f"{tmp_path / 'x' / 'same'}: 'same' is not a version" in message
+    assert (
+        f"{tmp_path / 'same'}: model 'same' version 1 is also the folder {tmp_path / 'same' / '1'}"
+        in message
+    )
     # A checkpoint folder given directly is a repository of one.
     assert list(registry.load(tmp_path / "x" / "same").models) == ["same"]
 
 
 def test_out_of_memory_splits_lowers_the_cap_and_recovers(
-    loop: asyncio.AbstractEventLoop, model: DynPromptModel, monkeypatch: pytest.MonkeyPatch
+    model: DynPromptModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = batcher.classify_rows
+    real = worker_module.classify_rows
     sizes: list[int] = []
 
     def small_memory(backbone: Any, models: Any, encoded: Any) -> tuple[list[RowResult], Any]:
@@ -214,25 +251,26 @@ def test_out_of_memory_splits_lowers_the_cap_and_recovers(
             raise torch.OutOfMemoryError("injected out of memory")
         return real(backbone, models, encoded)
 
-    monkeypatch.setattr(batcher, "classify_rows", small_memory)
-    monkeypatch.setattr(batcher, "CAP_RECOVERY_BATCHES", 2)
-    worker = worker_with(model, BatchLimits(max_batch_size=16, max_wait_s=0.05), [])
+    monkeypatch.setattr(worker_module, "classify_rows", small_memory)
+    monkeypatch.setattr(worker_module, "CAP_RECOVERY_BATCHES", 2)
+    worker, entry = worker_with(model, BatchLimits(max_batch_size=16, max_wait_s=0.05), [])
+    target = Collect()
     texts = [f"film number {i}" for i in range(10)]
-    jobs = [job(loop, model, texts, "big"), job(loop, model, [SHORT, "gigantic"], "huge")]
+    jobs = [job(entry, target, texts, "big"), job(entry, target, [SHORT, "gigantic"], "huge")]
     for j in jobs:
         worker.submit(j)
     worker.start()
-    big, huge = run(loop, jobs)
-    assert isinstance(huge, batcher.RowTooLarge) and not isinstance(big, Exception)
+    big, huge = target.wait(jobs)
+    assert huge.error == protocol.OUT_OF_MEMORY and big.error is None
     want = offline_predictions(model, texts)
-    for got, ref in zip(big, want, strict=True):
+    for got, ref in zip(big.rows, want, strict=True):
         assert got.probs == pytest.approx(ref.probs, abs=1e-4)
     assert sizes[0] == 12 and max(sizes[1:]) < 12  # split, retried
     assert worker.row_cap < 16
     low = worker.row_cap
-    more = [job(loop, model, [SHORT], f"r{i}") for i in range(4)]
-    for j in more:
-        worker.submit(j)
-        run(loop, [j])
+    for i in range(4):
+        more = job(entry, target, [SHORT], f"r{i}")
+        worker.submit(more)
+        target.wait([more])
     worker.stop(10)
     assert worker.row_cap > low  # clean batches let the cap grow back

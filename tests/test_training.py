@@ -17,6 +17,7 @@ from dynprompt.training.data import data_dir
 from dynprompt.training.evaluate import classification_metrics, evaluate_model
 from dynprompt.training.experiment import Budget, load_cached, run_path, summarise, write_report
 from dynprompt.training.prepare import load_tasks, tokenize
+from dynprompt.training.resume import RunFolderError
 from dynprompt.training.trainer import (
     BatchStream,
     _trainable_state,
@@ -135,12 +136,13 @@ def test_config_file_then_flags_override(tmp_path: Path) -> None:
 
 def test_help_explains_every_field() -> None:
     text = train_parser().format_help()
+    flags = {"has_header": "--header, --no-header", "preset": "--preset PRESET"}
     for name, info in TrainConfig.model_fields.items():
-        if name == "tasks":
-            assert "--task PRESET" in text
-            continue
-        assert "--" + name.replace("_", "-") in text, name
+        assert flags.get(name, "--" + name.replace("_", "-")) in text, name
         assert info.description, f"field {name} has no description"
+    assert "repeat the flag for a multitask run" in " ".join(text.split())
+    # The old spellings still work but stay out of the help.
+    assert "--has-header" not in text and "--task " not in text
 
 
 def test_bad_config_names_the_field(tmp_path: Path) -> None:
@@ -243,7 +245,7 @@ def test_train_fails_before_training_on_bad_input(
         raise AssertionError("training started on bad input")
 
     monkeypatch.setattr(trainer, "train", never)
-    monkeypatch.setattr(trainer, "load_backbone", never)
+    monkeypatch.setattr(trainer, "quiet_load_backbone", never)
     for argv, expected in _bad_input_cases(tmp_path):
         out_dir = tmp_path / "out"
         code = train_main([*argv, "--output-dir", str(out_dir)])
@@ -383,7 +385,8 @@ def test_multitask_gives_one_loadable_checkpoint_per_task(tmp_path: Path) -> Non
     a = load_checkpoint(result.checkpoints["sentiment"], backbone)
     b = load_checkpoint(result.checkpoints["nli"], backbone)
     assert a.labels == ["0", "1"] and b.labels == ["entailment", "contradiction", "neutral"]
-    assert b.config.input.pair_field == "text_pair" and a.config.input.pair_field is None
+    assert b.config.input.pair_field == "hypothesis" and a.config.input.pair_field is None
+    assert (b.config.input.text_field, b.config.input.format) == ("premise", "jsonl")
     # Shared prompt bank and routers, separate heads.
     assert a.prompt is not None and b.prompt is not None
     assert torch.equal(a.prompt, b.prompt)
@@ -426,8 +429,82 @@ def test_resume_continues_from_the_saved_step(tmp_path: Path) -> None:
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
     # A changed setting is refused rather than silently mixed.
-    with pytest.raises(RuntimeError, match="different settings"):
+    with pytest.raises(RunFolderError, match=r"lr_prompt \(0.05 -> 0.5\)"):
         train(first.model_copy(update={"lr_prompt": 0.5}), backbone=backbone, log=lambda _m: None)
+
+
+def save_tiny_backbone(folder: Path) -> Path:
+    """The tiny BERT as a local model folder, loadable by name like a real backbone."""
+    backbone = tiny_backbone("bert")
+    backbone.model.save_pretrained(folder)
+    backbone.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_resume_refuses_other_data_or_settings_before_loading_the_backbone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bb = save_tiny_backbone(tmp_path / "bb")
+    train_file = sentiment_file(tmp_path / "train.tsv", 40, 0)
+    run = tmp_path / "runs" / "my"
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        f"train_file: {train_file}\ntext_field: sentence\nbackbone: {bb}\nname: toy\n"
+        "prompt_length: 4\nmax_length: 16\nbatch_size: 8\nmax_steps: 4\neval_every: 2\n"
+        f"warmup_steps: 0\nplots: false\nquiet: true\ndevice: cpu\noutput_dir: {run}\n"
+    )
+    argv = ["--config", str(yaml_file)]
+    assert train_main(argv) == 0
+    capsys.readouterr()
+    saved = read_config(run / "checkpoints" / "toy")
+    # 10% of 40 rows held out for dev: 36 train, 4 dev.
+    assert (saved.training.train_examples, saved.training.dev_examples) == (36, 4)  # type: ignore[attr-defined]
+    assert saved.training.metrics["dev_examples"] == 4
+    first_hash = saved.training.data_hash  # type: ignore[attr-defined]
+    assert first_hash and len(first_hash) == 64
+    assert saved.input.text_field == "sentence" and saved.input.format == "tsv"
+
+    # Without the backbone folder, anything that loads it fails: the refusals below
+    # come before that.
+    (tmp_path / "bb").rename(tmp_path / "bb-away")
+    with train_file.open("a") as handle:
+        handle.write("".join(f"great fun film number {i}\t1\n" for i in range(10)))
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dynprompt train: error: "), err
+    assert f"{run} holds a run with other data" in err
+    assert "the data of task 'toy' (train 36 -> 45, dev 4 -> 5 examples" in err
+    assert "--no-resume" in err and "--output-dir" in err and "resume=false" not in err
+    assert "backbone" not in err.split("changed:")[1]
+    assert err.count("\n") == 1  # one message, no traceback
+    # ... given before torch is even imported (seconds before a backbone could load).
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nfrom dynprompt.training.cli import train_main\n"
+        f"code = train_main({argv!r})\nprint(code, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.stdout.split() == ["2", "False"], out.stderr
+    # The same data with a changed setting: refused the same way, naming the setting.
+    train_file.write_text("\n".join(train_file.read_text().splitlines()[:41]) + "\n")
+    assert train_main([*argv, "--lr-prompt", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "changed: lr_prompt (0.03 -> 0.5)." in err, err
+    # Settings that do not change what a step computes may change: the run continues.
+    (tmp_path / "bb-away").rename(tmp_path / "bb")
+    assert train_main([*argv, "--max-steps", "6", "--eval-batch-size", "3"]) == 0
+    assert "toy: dev accuracy" in capsys.readouterr().out
+    state = json.loads((run / "state" / "trainer.json").read_text())
+    assert state["step"] == 6 and state["data"]["toy"]["hash"] == first_hash
+    # --no-resume starts afresh on the new data; the checkpoint records what it saw.
+    with train_file.open("a") as handle:
+        handle.write("".join(f"dull bad plot number {i}\t0\n" for i in range(10)))
+    assert train_main([*argv, "--no-resume"]) == 0
+    again = read_config(run / "checkpoints" / "toy").training
+    assert again.train_examples == 45 and again.data_hash != first_hash  # type: ignore[attr-defined]
+    assert "file " in again.data and "train 45, dev 5" in str(again.data)
 
 
 # --------------------------------------------------------------------------- real data
@@ -569,3 +646,90 @@ def test_shipped_default_model_reaches_its_recorded_sst2_dev_accuracy(tmp_path: 
     assert result["accuracy"] == pytest.approx(config.training.metrics["dev_accuracy"], abs=1e-6)
     # The router really routes: more than one split is used on dev.
     assert len([v for v in result["tokens_before"].values() if v > 0]) > 1
+
+
+# --------------------------------------------------------------------------- progress, devices
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
+    """A pipe gets plain progress lines (no bar redrawn with carriage returns), and no
+    "Loading weights" bar from transformers."""
+    import subprocess
+    import sys
+
+    bb = save_tiny_backbone(tmp_path / "bb")
+    train_file = sentiment_file(tmp_path / "train.tsv", 40, 0)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        f"train_file: {train_file}\ntext_field: sentence\nbackbone: {bb}\nname: toy\n"
+        "prompt_length: 4\nmax_length: 16\nbatch_size: 8\nmax_steps: 6\neval_every: 3\n"
+        f"log_every: 2\nwarmup_steps: 0\nplots: false\ndevice: cpu\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "dynprompt.cli", "train", "--config", str(yaml_file)],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    progress = [line for line in lines if line.startswith("train: ")]
+    assert [p.split(" ")[1] for p in progress] == ["2/6", "4/6", "6/6"], out.stderr
+    assert "loss=" in progress[0] and ("s/step" in progress[0] or "step/s" in progress[0])
+    assert any(
+        line.startswith("step 3/6: dev accuracy") and "on 4 examples" in line for line in lines
+    )
+    assert "\r" not in out.stderr and "Loading weights" not in out.stderr
+    assert "toy: dev accuracy" in out.stdout
+
+
+def test_progress_line_every_n_steps_or_30_seconds() -> None:
+    import io
+
+    from dynprompt.training.progress import ProgressDisplay
+
+    now = [0.0]
+    stream = io.StringIO()  # not a terminal
+    display = ProgressDisplay(
+        desc="train", total=1000, unit="step", every=100, stream=stream, clock=lambda: now[0]
+    )
+    for _ in range(250):
+        now[0] += 0.2  # 20 s per 100 steps: the step count decides
+        display.update()
+    assert [line.split(" ")[1] for line in stream.getvalue().splitlines()] == [
+        "100/1000",
+        "200/1000",
+    ]
+    for _ in range(10):
+        now[0] += 7.0  # 7 s a step: the clock decides, a line once 30 s have passed
+        display.update()
+    display.close()  # and a last line for the steps since
+    counts = [line.split(" ")[1] for line in stream.getvalue().splitlines()]
+    # step 200 at 40 s, step 250 at 50 s; 253 at 71 s, 258 at 106 s; 260 at close
+    assert counts == ["100/1000", "200/1000", "253/1000", "258/1000", "260/1000"]
+    quiet = io.StringIO()
+    off = ProgressDisplay(desc="x", total=3, every=1, stream=quiet, enabled=False)
+    off.update(3)
+    off.close()
+    assert quiet.getvalue() == ""
+
+
+def test_devices_compare_by_what_they_name() -> None:
+    """`cuda` (what Accelerate reports) and `cuda:0` (where a model's weights are) are the
+    same device; comparing torch.device objects says they differ."""
+    from dynprompt.training.runtime import same_device
+
+    assert torch.device("cuda") != torch.device("cuda:0")
+    assert same_device(torch.device("cuda"), torch.device("cuda:0"))
+    assert same_device("cuda:0", "cuda") and not same_device("cuda:1", "cuda")
+    assert same_device("cpu", torch.device("cpu")) and not same_device("meta", "cpu")
+
+
+def test_a_backbone_on_another_device_is_refused(tmp_path: Path) -> None:
+    backbone = tiny_backbone("bert")
+    backbone.model.to("meta")
+    with pytest.raises(RuntimeError, match="backbone is on meta, the run on cpu"):
+        train(tiny_config(tmp_path), backbone=backbone, log=lambda _m: None)

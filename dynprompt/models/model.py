@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynprompt.models.assembly import Assembled
-from dynprompt.models.backbone import Backbone, Encoded
+from dynprompt.models.backbone import Backbone, Encoded, prompt_init_rows
 from dynprompt.models.config import DynPromptConfig
 from dynprompt.models.pipeline import (
     Group,
@@ -62,7 +62,7 @@ class DynPromptModel(nn.Module):
             self.register_buffer("label_ids", None, persistent=False)
         else:
             assert config.head.label_words is not None
-            ids = backbone.label_word_ids(config.head.label_words)
+            ids = backbone.label_word_ids(config.head.label_words, config.head.word_score)
             self.register_buffer("label_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
         if config.variant == "finetune":
             # The one variant that trains (and stores) the backbone itself.
@@ -72,16 +72,15 @@ class DynPromptModel(nn.Module):
 
     # -- set-up --------------------------------------------------------------------------
     def _init_prompt(self, pool: int, length: int, dim: int) -> Tensor:
-        weight = self.backbone.input_embeddings.weight.detach().float().cpu()
+        """Sampled real-word rows of the input embeddings (`prompt_init_rows` says which
+        rows count as words for each kind of vocabulary), or uniform noise of their scale."""
+        weight = self.backbone.input_embeddings.weight.detach()
         if self.config.prompt.init == "uniform":
-            scale = float(weight.std())
+            scale = float(weight.float().cpu().std())
             return torch.empty(pool, length, dim).uniform_(-scale, scale)
-        vocab = weight.shape[0]
-        special = set(self.backbone.tokenizer.all_special_ids)
-        low = 1000 if vocab > 5000 else 0  # skip BERT's [unused*] rows: they never trained
-        candidates = torch.tensor([i for i in range(low, vocab) if i not in special])
+        candidates = prompt_init_rows(self.backbone)
         picks = candidates[torch.randint(len(candidates), (pool * length,))]
-        return weight[picks].reshape(pool, length, dim).clone()
+        return weight[picks.to(weight.device)].float().cpu().reshape(pool, length, dim).clone()
 
     @property
     def labels(self) -> list[str]:

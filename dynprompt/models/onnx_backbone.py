@@ -327,6 +327,12 @@ class OnnxBackbone(Backbone):
         logits = runtime.run_verbalizer(hidden, attention_mask)
         return logits if label_ids is None else logits[:, label_ids.to(logits.device)]
 
+    def label_word_log_probs(self, *args: Any, **kwargs: Any) -> Tensor:
+        raise BackboneError(
+            "the ONNX backend scores label words by their first token only; serve a "
+            "checkpoint with head.word_score 'mean' with the torch backend"
+        )
+
     def describe(self) -> str:
         runtime = self.ort
         return (

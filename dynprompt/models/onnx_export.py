@@ -22,14 +22,15 @@ assembly, routers and heads stay in torch and are shared with the torch path:
   onnx / onnxscript versions, and a sha256 and size for every file of the export.
 
 Exports live in a cache, one folder per weights fingerprint and dtype:
-`$DYNPROMPT_ONNX_CACHE/<fingerprint>/<dtype>/` (default root
-`~/.cache/dynprompt/onnx`). Before use the manifest is checked against the
+`$DYNPROMPT_ONNX_CACHE_DIR/<fingerprint>/<dtype>/` (default root
+`~/.cache/dynprompt/onnx`; the variable is the one behind `dynprompt serve
+--onnx-cache-dir`, and the older name `DYNPROMPT_ONNX_CACHE` is still read). Before use the manifest is checked against the
 backbone (a different fingerprint, dtype or format version is *stale*) and every
 file against its hash (a missing or altered file is *corrupt*); either is
 rebuilt with a logged reason, or — when rebuilding is disabled or fails —
 refused with an error that names the file. Builds happen in a staging folder
-that replaces the old export in one rename, under a file lock, so concurrent
-processes never read half an export.
+that replaces the old export in one rename, under a file lock (`filelock`), so
+concurrent processes never read half an export.
 
 The exporter is `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript):
 it keeps the batch and sequence axes symbolic through transformers' mask
@@ -80,8 +81,9 @@ DEFAULT_OPSET = 18
 MANIFEST_FILE = "manifest.json"
 HIDDEN_FILE = "hidden.onnx"
 VERBALIZER_FILE = "verbalizer.onnx"
-CACHE_ENV = "DYNPROMPT_ONNX_CACHE"
-SERVE_CACHE_ENV = "DYNPROMPT_ONNX_CACHE_DIR"
+# One name for the cache root: the variable of `dynprompt serve --onnx-cache-dir`.
+CACHE_ENV = "DYNPROMPT_ONNX_CACHE_DIR"
+LEGACY_CACHE_ENV = "DYNPROMPT_ONNX_CACHE"  # the name before; still read, after CACHE_ENV
 EXPORTER = "torch.onnx.export(dynamo=True)"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 # Above this many bytes of weights a graph keeps them in a side file (protobuf's 2 GB limit).
@@ -113,10 +115,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def default_cache_root() -> Path:
-    """`$DYNPROMPT_ONNX_CACHE`, else `$DYNPROMPT_ONNX_CACHE_DIR` (the variable behind
-    `dynprompt serve --onnx-cache-dir`), else `$XDG_CACHE_HOME/dynprompt/onnx` or
-    `~/.cache/dynprompt/onnx`."""
-    for name in (CACHE_ENV, SERVE_CACHE_ENV):
+    """`$DYNPROMPT_ONNX_CACHE_DIR` (the variable behind `dynprompt serve
+    --onnx-cache-dir`), else the older `$DYNPROMPT_ONNX_CACHE`, else
+    `$XDG_CACHE_HOME/dynprompt/onnx` or `~/.cache/dynprompt/onnx`."""
+    for name in (CACHE_ENV, LEGACY_CACHE_ENV):
         if os.environ.get(name):
             return Path(os.environ[name]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -471,21 +473,13 @@ def verify_export(
     return manifest
 
 
-@contextlib.contextmanager
-def _export_lock(export_dir: Path) -> Iterator[None]:
+def export_lock(export_dir: Path) -> Any:
+    """The cross-process lock under which `export_dir` is (re)built: a `filelock` lock
+    file beside it, so that processes that find the same export missing build it once."""
+    from filelock import FileLock
+
     export_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = export_dir.parent / f".{export_dir.name}.lock"
-    with lock_path.open("a") as handle:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return FileLock(export_dir.parent / f".{export_dir.name}.lock")
 
 
 def ensure_export(
@@ -513,7 +507,7 @@ def ensure_export(
                 f"`dynprompt export-onnx --backbone {backbone.name_or_path}` to (re)build it"
             ) from problem
         first = problem
-    with _export_lock(export_dir):
+    with export_lock(export_dir):
         if not force:
             with contextlib.suppress(OnnxExportError):
                 return verify_export(export_dir, backbone, opset=opset)  # built meanwhile
@@ -616,7 +610,7 @@ def load_onnx_backbone(
 
     The torch backbone is loaded for its tokenizer, embedding matrix, config and
     weights fingerprint; the export is found in (or built into) the cache
-    (`cache_dir`, else `$DYNPROMPT_ONNX_CACHE`, else `~/.cache/dynprompt/onnx`) under
+    (`cache_dir`, else `$DYNPROMPT_ONNX_CACHE_DIR`, else `~/.cache/dynprompt/onnx`) under
     `<fingerprint>/<dtype>/` and verified first. The torch transformer layers are then
     released — ONNX Runtime holds its own copy of them, and keeping both would double
     the backbone's memory in a server — so only the input embedding (which assembly
@@ -702,7 +696,7 @@ def _parser() -> argparse.ArgumentParser:
             "<cache>/<fingerprint>/<dtype>/; an up-to-date export there is reused."
         ),
         epilog=(
-            f"cache root: --cache-dir, else ${CACHE_ENV}, else ${SERVE_CACHE_ENV}, else "
+            f"cache root: --cache-dir, else ${CACHE_ENV} (or the older ${LEGACY_CACHE_ENV}), else "
             "~/.cache/dynprompt/onnx. "
             "Exit status: 0 done, 1 --check found a difference over the tolerance, "
             "2 the backbone or export could not be used."

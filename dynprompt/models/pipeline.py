@@ -182,7 +182,7 @@ def forward_batch(
     )
     length = _concat([r.length for r in routings])
     before = _concat([r.before for r in routings])
-    pad = backbone.embed(torch.tensor([backbone.pad_id], device=device))[0]
+    pad = backbone.pad_embedding()
     assembled = assemble(
         token_embeds,
         encoded.token_type_ids,
@@ -212,11 +212,22 @@ def forward_batch(
 
 
 def head_logits(backbone: Backbone, groups: list[Group], assembled: Assembled) -> list[Tensor]:
-    """Each group's class logits: one backbone pass per head kind, then the heads."""
+    """Each group's class logits: one backbone pass per head kind, then the heads.
+
+    Verbalizers come in two kinds. `first` (the default) reads the logit of each label
+    word's first token at the scored position: the union of the groups' label words is
+    scored once, multiplying only those rows of the LM head. `mean` (decoder-only) scores
+    a word by the mean log-probability of all its tokens given the row: the union of the
+    groups' words is appended after the assembled rows as branches of one batched pass
+    (`Backbone.label_word_log_probs`), so a word of k tokens costs k - 1 extra positions
+    per row, not another pass, and rows of every model still go through together.
+    """
     linear = [i for i, g in enumerate(groups) if g.model.head is not None]
     verbal = [i for i, g in enumerate(groups) if g.model.head is None]
+    mean = [i for i in verbal if groups[i].model.config.head.word_score == "mean"]
+    verbal = [i for i in verbal if i not in mean]
     out: list[Tensor | None] = [None] * len(groups)
-    for kind in (linear, verbal):
+    for kind in (linear, verbal, mean):
         if not kind:
             continue
         part, offsets = _take(assembled, [groups[i] for i in kind])
@@ -234,6 +245,21 @@ def head_logits(backbone: Backbone, groups: list[Group], assembled: Assembled) -
                         hidden[start:stop].float(), part.attention_mask[start:stop]
                     )
                 out[i] = model.head(pooled)
+            continue
+        if kind is mean:
+            # The union of the groups' words, each word once: models sharing label
+            # words (most of them) share the branches too.
+            union: dict[tuple[int, ...], int] = {}
+            columns = []
+            for i in kind:
+                words = groups[i].model.config.head.label_words or []
+                tokens = backbone.label_word_tokens(words)
+                columns.append([union.setdefault(tuple(t), len(union)) for t in tokens])
+            scores = backbone.label_word_log_probs(
+                part.inputs_embeds, part.attention_mask, [list(t) for t in union]
+            )
+            for i, (start, stop), cols in zip(kind, offsets, columns, strict=True):
+                out[i] = scores[start:stop][:, cols]
             continue
         # Verbalizers: score the union of the groups' label words once, then each group
         # keeps its own columns.

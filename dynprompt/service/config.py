@@ -15,16 +15,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "DYNPROMPT_"
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[1] / "default_model"
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -37,6 +31,13 @@ class Settings(BaseModel):
         None,
         description="folder of checkpoints: every folder under it holding a dynprompt.json is "
         "served under its name",
+    )
+    poll_s: float | None = Field(
+        None,
+        gt=0,
+        description="rescan the model repository every this many seconds and reload what "
+        "changed (a checkpoint loads once its files are unchanged between two polls); off by "
+        "default: reload with POST /v1/admin/reload or SIGHUP",
     )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind")
@@ -51,6 +52,14 @@ class Settings(BaseModel):
         None, description="where --backend onnx keeps exported backbones"
     )
     threads: int | None = Field(None, ge=1, description="torch intra-op / ONNX Runtime threads")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="HTTP front-end processes. 1: one process serves HTTP and runs the engine; "
+        "N > 1: N HTTP processes share the port in front of one engine process (one queue, "
+        "one set of metrics)",
+    )
     tokenizer_threads: int = Field(
         2, ge=1, le=64, description="threads that tokenise requests off the event loop"
     )
@@ -79,8 +88,11 @@ class Settings(BaseModel):
     payload_limit_bytes: int = Field(
         1_048_576, ge=64, description="largest request body (larger: 413)"
     )
-    max_input_chars: int = Field(
-        20_000, ge=1, description="longest text (or text_pair) in characters (longer: 413)"
+    max_input_chars: int | None = Field(
+        None,
+        ge=1,
+        description="longest text (or text_pair) in characters (longer: 413); without it any "
+        "text within the payload limit is accepted, and cut by characters before tokenising",
     )
     header_timeout_s: float = Field(
         10.0,
@@ -127,13 +139,26 @@ class Settings(BaseModel):
         return self.model_repository if self.model_repository is not None else DEFAULT_REPOSITORY
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype)
 
     def resolved_device(self) -> str:
         if self.device == "auto":
+            import torch
+
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+    def resolved_workers(self) -> int:
+        """One process on a CPU (its cores are the model's); on a GPU, enough HTTP
+        processes to keep the device fed: half the cores, at most 8."""
+        if self.workers is not None:
+            return self.workers
+        if self.resolved_device() == "cpu":
+            return 1
+        return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 
     def __repr__(self) -> str:  # keys never reach logs
         shown = self.model_dump()
@@ -152,6 +177,8 @@ _FLAG_NAMES = {"api_keys": "api-key"}
 _SHOWN_DEFAULTS = {
     "model_repository": "the shipped default model, dynprompt/default_model/",
     "threads": "all cores",
+    "workers": "1 on a CPU; on a GPU half the cores, at most 8",
+    "max_input_chars": "none",
     "api_keys": "none (no authentication)",
     "onnx_cache_dir": "$DYNPROMPT_ONNX_CACHE, else ~/.cache/dynprompt/onnx",
 }

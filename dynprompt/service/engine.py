@@ -1,219 +1,272 @@
-"""What happens to a request between HTTP and a backbone worker.
+"""`Engine.classify`: the one way a classify request enters the service.
 
-`admit` decides before any tokenisation (429 when `max_queue_requests` requests
-are already in flight, 503 while loading or draining); `run` tokenises in a
-thread pool, submits one `Job` to the model's worker, and waits for it, for the
-queue timeout, or for the client to go away, whichever comes first.
+An `Engine` lives in each HTTP process. It takes the admission permit (429 when
+the queue shared by every HTTP process is full, 503 while draining), submits the
+request to the engine core (in this process or behind a local socket), waits for
+the answer, the queue deadline or the client's departure, and turns the answer into
+a domain result or a `ServiceError`. `observe` wraps a request from its first
+byte to its last and records it — metrics and the access log line — in one place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import torch
-
-from dynprompt.models.backbone import TokenizedRow
-from dynprompt.models.inference import RowResult
-from dynprompt.service import errors
-from dynprompt.service.batcher import BatchFailed, Job, RowTooLarge
-from dynprompt.service.config import DEFAULT_REPOSITORY, Settings
-from dynprompt.service.metrics import ServiceMetrics
-from dynprompt.service.registry import ModelEntry, Registry, ReloadReport, find_checkpoints
+from dynprompt.service import errors, protocol
+from dynprompt.service.config import Settings
+from dynprompt.service.logs import AccessLog
+from dynprompt.service.protocol import (
+    Answer,
+    CoreError,
+    Observation,
+    Record,
+    RowAnswer,
+    Submission,
+)
 
 log = logging.getLogger("dynprompt.service")
-
-LOADING, READY, DRAINING, FAILED = "loading", "ready", "draining", "failed"
-
-
-@dataclass
-class Outcome:
-    rows: list[TokenizedRow]
-    results: list[RowResult]
-    queue_s: float
-    compute_s: float
+# A request still waiting after this long starts watching its connection for the client
+# going away (its rows are then dropped, if they have not started).
+WATCH_AFTER_S = 0.05
 
 
-def _tokenize(
-    entry: ModelEntry, inputs: list[tuple[str, str | None]], truncate: bool
-) -> list[TokenizedRow]:
-    backbone = entry.model.backbone
-    spec = entry.config.input
-    rows = []
-    for i, (text, pair) in enumerate(inputs):
-        row = backbone.tokenize_row(text, pair, spec.max_length, spec.truncation_side)
-        if row.truncated and not truncate:
-            raise errors.unprocessable(
-                f"inputs.{i}: longer than model {entry.name!r}'s max_length of {spec.max_length} "
-                "tokens (special tokens included) and truncate is false",
-                "input_too_long",
-            )
-        rows.append(row)
-    return rows
+class CoreHandle(Protocol):
+    """The engine core as a front end sees it (`transport.LocalCore` or `RemoteCore`)."""
+
+    def submit(self, sub: Submission) -> asyncio.Future[Answer]: ...
+
+    def cancel(self, ticket: int) -> None: ...
+
+    def record(self, record: Record) -> None: ...
+
+    async def call(self, method: str, *args: Any) -> Any: ...
+
+    async def close(self) -> None: ...
 
 
-def _retrieve(future: asyncio.Future[list[RowResult]]) -> None:
-    """Mark a late failure as seen, so an abandoned job logs no 'never retrieved' warning."""
-    if not future.cancelled():
-        future.exception()
+class Admission:
+    """Requests admitted at once, across every HTTP process; beyond `limit`, 429.
+
+    One process counts in a plain integer (only its event loop touches it); several
+    share a `multiprocessing.Value`, so the limit holds for the server as a whole.
+    """
+
+    def __init__(self, limit: int, shared: Any = None) -> None:
+        self.limit = limit
+        self._shared = shared
+        self._count = 0
+
+    def try_acquire(self) -> bool:
+        if self._shared is None:
+            if self._count >= self.limit:
+                return False
+            self._count += 1
+            return True
+        with self._shared.get_lock():
+            if self._shared.value >= self.limit:
+                return False
+            self._shared.value += 1
+            return True
+
+    def release(self) -> None:
+        if self._shared is None:
+            self._count -= 1
+            return
+        with self._shared.get_lock():
+            self._shared.value -= 1
+
+    def value(self) -> float:
+        return float(self._count if self._shared is None else self._shared.value)
+
+
+@dataclass(frozen=True)
+class ClassifyCall:
+    model: str
+    inputs: list[tuple[str, str | None]]
+    truncate: bool = True
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    model: str
+    labels: list[str]
+    rows: list[RowAnswer]
+
+
+class _Unconnected:
+    """The core before the app's lifespan has connected to it."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise errors.unavailable("not_ready", "the server is starting", retry_after_s=1)
+
+
+def error_for(answer: Answer) -> errors.ServiceError:
+    kind = answer.error or protocol.INTERNAL
+    retry = 1 if kind in (protocol.QUEUE_TIMEOUT, protocol.NOT_READY) else None
+    status = protocol.STATUS.get(kind, 500)
+    if status == 503:
+        return errors.unavailable(kind, answer.message, retry_after_s=retry)
+    return errors.ServiceError(status, kind, answer.message)
 
 
 class Engine:
-    def __init__(self, settings: Settings, metrics: ServiceMetrics, registry: Registry) -> None:
+    def __init__(
+        self, settings: Settings, admission: Admission, core: CoreHandle | None = None
+    ) -> None:
         self.settings = settings
-        self.metrics = metrics
-        self.registry = registry
-        self.state = LOADING
-        self.inflight = 0
-        self.failure: str | None = None
-        self.root: Path | None = None  # the repository actually served
-        self._reloading: asyncio.Lock | None = None
-        self.pool = ThreadPoolExecutor(settings.tokenizer_threads, "dynprompt-tokenize")
+        self.core: CoreHandle = core if core is not None else _Unconnected()
+        self.admission = admission
+        self.access_log = AccessLog()
+        self.draining = False
+        self.inflight = 0  # admitted in this process
+        self._tickets = itertools.count(1)
 
-    # -- lifecycle ---------------------------------------------------------------------
-    async def start(self, root: Path, on_fatal: Callable[[str], None] | None = None) -> None:
-        """Load, warm and activate the repository off the event loop; READY when done."""
+    # -- one request -------------------------------------------------------------------
+    @contextmanager
+    def observe(self, request_id: str, method: str, path: str) -> Iterator[Observation]:
+        """A classify request's record, kept while it is served, recorded once at the end:
+        `requests_total`, durations and router decisions (by the core, which owns the
+        metrics), and the access log line."""
+        obs = Observation(request_id, time.perf_counter())
         try:
-            await asyncio.to_thread(self._load, root)
-        except Exception as exc:
-            self.state, self.failure = FAILED, f"{type(exc).__name__}: {exc}"
-            hint = (
-                ""
-                if self.settings.model_repository is not None
-                else " (the shipped default model; serve another with --model-repository DIR)"
+            yield obs
+        finally:
+            seconds = time.perf_counter() - obs.started
+            decisions = (
+                [(r.input_tokens, r.prompt_length, r.tokens_before) for r in obs.answers]
+                if obs.status == 200
+                else []
             )
-            log.error("cannot serve the model repository %s%s: %s", root, hint, exc)
-            if on_fatal is not None:
-                on_fatal(self.failure)
-            return
-        if self.state == LOADING:
-            self.state = READY
-            names = ", ".join(self.registry.current.names)
-            log.info("ready: serving %d models (%s)", len(self.registry.current.models), names)
+            self.core.record(Record(obs.model, obs.status, seconds, obs.queue_s, decisions))
+            self.access_log.request(obs, method, path, seconds)
 
-    def _load(self, root: Path) -> None:
-        start = time.perf_counter()
-        if root.is_dir() and not find_checkpoints(root) and root != DEFAULT_REPOSITORY:
-            # An empty mounted volume (docker compose's default ./models) should still give a
-            # working server: serve the shipped model, and say so loudly.
-            log.warning(
-                "the model repository %s holds no checkpoints; serving the shipped default "
-                "model from %s instead",
-                root, DEFAULT_REPOSITORY,
-            )  # fmt: skip
-            root = DEFAULT_REPOSITORY
-        self.root = root
-        models = self.registry.load(root)
-        self.registry.warm(models)
-        self.registry.activate(models)
-        device = self.registry.device
-        if device.startswith("cuda"):
-            self.metrics.track_gpu_memory(lambda: float(torch.cuda.memory_allocated(device)))
-        log.info("loaded the model repository %s in %.1fs", root, time.perf_counter() - start)
+    @contextmanager
+    def permit(self) -> Iterator[None]:
+        """Admission: taken once per request, before any work is done for it."""
+        if self.draining:
+            raise errors.unavailable("draining", "the server is shutting down")
+        if not self.admission.try_acquire():
+            raise errors.queue_full(retry_after_s=1)
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            self.admission.release()
 
-    async def reload(self) -> ReloadReport:
-        """Rescan the repository (admin endpoint, SIGHUP); one reload at a time."""
-        if self.state != READY or self.root is None:
-            raise errors.unavailable("not_ready", "models are not being served; cannot reload")
-        if self._reloading is None:
-            self._reloading = asyncio.Lock()
-        async with self._reloading:
-            root = self.root
-            try:
-                return await asyncio.to_thread(self.registry.reload, root)
-            except Exception as exc:  # the repository itself is unreadable: keep serving
-                log.error("reload of %s failed; still serving the previous set: %s", root, exc)
-                raise errors.ServiceError(
-                    409, "reload_failed", f"cannot rescan the model repository: {exc}"
-                ) from exc
+    async def classify(
+        self,
+        call: ClassifyCall,
+        obs: Observation,
+        client_gone: Callable[[], Awaitable[Any]] | None = None,
+    ) -> ClassifyResult:
+        """Admit, submit, wait; the answer or its error. Fills `obs` as it goes."""
+        obs.model, obs.rows = call.model, len(call.inputs)
+        with self.permit():
+            ticket = next(self._tickets)
+            now = time.monotonic()
+            sub = Submission(
+                ticket,
+                obs.request_id,
+                call.model,
+                call.inputs,
+                call.truncate,
+                now,
+                now + self.settings.queue_timeout_s,
+                call.version,
+            )
+            answer = await self._wait(self.core.submit(sub), ticket, client_gone)
+        obs.model, obs.queue_s, obs.compute_s = answer.model, answer.queue_s, answer.compute_s
+        if answer.error is not None:
+            raise error_for(answer)
+        assert answer.model is not None
+        obs.answers = answer.rows
+        return ClassifyResult(answer.model, answer.labels, answer.rows)
+
+    async def _wait(
+        self,
+        future: asyncio.Future[Answer],
+        ticket: int,
+        client_gone: Callable[[], Awaitable[Any]] | None,
+    ) -> Answer:
+        """The answer, or 499 once the client has gone away. Most answers come within a
+        few milliseconds, so the watch on the connection starts only after `WATCH_AFTER_S`
+        (a timer costs less than a task)."""
+        if client_gone is None:
+            return await future
+        watcher: asyncio.Future[Any] | None = None
+
+        def gone(task: asyncio.Future[Any]) -> None:
+            if task.cancelled() or future.done():
+                return
+            self.core.cancel(ticket)
+            future.set_exception(
+                errors.ServiceError(499, "client_closed_request", "the client went away")
+            )
+
+        def watch() -> None:
+            nonlocal watcher
+            if not future.done():
+                watcher = asyncio.ensure_future(client_gone())
+                watcher.add_done_callback(gone)
+
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
+
+    # -- the rest of the API -------------------------------------------------------------
+    async def ready(self) -> int:
+        """The number of served models; 503 while loading, failed or draining."""
+        if self.draining:
+            raise errors.unavailable("draining", "the server is shutting down")
+        status = await self.core.call("status")
+        if status["state"] == "ready" and status["models"] > 0:
+            return int(status["models"])
+        if status["state"] == "loading":
+            raise errors.unavailable("not_ready", "models are still loading", retry_after_s=1)
+        if status["state"] == "ready":
+            raise errors.unavailable("not_ready", "no model is being served")
+        raise errors.unavailable("not_ready", "the server failed to load its models")
+
+    async def models(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.core.call("models")
+        return result
+
+    async def model(self, name: str) -> dict[str, Any]:
+        card = await self.core.call("model", name)
+        if card is None:
+            raise errors.not_found(name, await self.core.call("model_names"))
+        return dict(card)
+
+    async def reload(self) -> dict[str, Any]:
+        try:
+            report: dict[str, Any] = await self.core.call("reload")
+        except CoreError as exc:
+            if exc.kind == "not_ready":
+                raise errors.unavailable("not_ready", exc.message) from exc
+            raise errors.ServiceError(409, "reload_failed", exc.message) from exc
+        return report
+
+    async def metrics(self) -> bytes:
+        rendered: bytes = await self.core.call("render_metrics")
+        return rendered
 
     async def drain(self, timeout: float) -> bool:
-        """Refuse new work, wait for what is in flight; True if everything finished."""
-        if self.state != FAILED:
-            self.state = DRAINING
+        """Refuse new work, wait for what this process admitted; True if all of it finished."""
+        self.draining = True
         deadline = time.monotonic() + timeout
         while self.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         return self.inflight == 0
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self.registry.stop, 10.0)
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-    # -- admission ---------------------------------------------------------------------
-    def check_serving(self) -> None:
-        if self.state == READY:
-            return
-        if self.state == DRAINING:
-            raise errors.unavailable("draining", "the server is shutting down")
-        if self.state == FAILED:
-            raise errors.unavailable("not_ready", "the server failed to load its models")
-        raise errors.unavailable("not_ready", "models are still loading", retry_after_s=1)
-
-    def admit(self) -> None:
-        self.check_serving()
-        if self.inflight >= self.settings.max_queue_requests:
-            raise errors.queue_full(retry_after_s=1)
-        self.inflight += 1
-        self.metrics.queue_depth.set(self.inflight)
-
-    def release(self) -> None:
-        self.inflight -= 1
-        self.metrics.queue_depth.set(self.inflight)
-
-    # -- one request -------------------------------------------------------------------
-    async def run(
-        self,
-        entry: ModelEntry,
-        inputs: list[tuple[str, str | None]],
-        truncate: bool,
-        request_id: str,
-        client_gone: Callable[[], Awaitable[None]],
-    ) -> Outcome:
-        """Tokenise, batch, compute. Call between `admit` and `release`."""
-        loop = asyncio.get_running_loop()
-        admitted = time.monotonic()
-        rows = await loop.run_in_executor(self.pool, _tokenize, entry, inputs, truncate)
-        future: asyncio.Future[list[RowResult]] = loop.create_future()
-        future.add_done_callback(_retrieve)
-        job = Job(request_id, entry.model, rows, loop, future, admitted_at=admitted)
-        entry.worker.submit(job)
-        watcher = asyncio.ensure_future(client_gone())
-        waiting: set[asyncio.Future[Any]] = {future, watcher}
-        try:
-            left = admitted + self.settings.queue_timeout_s - time.monotonic()
-            done, _ = await asyncio.wait(
-                waiting, timeout=max(left, 0.0), return_when=asyncio.FIRST_COMPLETED
-            )
-            if not done:
-                if entry.worker.cancel(job):
-                    raise errors.unavailable(
-                        "queue_timeout",
-                        f"the request waited more than {self.settings.queue_timeout_s:g}s "
-                        "for compute",
-                        retry_after_s=1,
-                    )
-                # Some rows are computing already: the answer is close, wait for it.
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if future not in done:
-                entry.worker.cancel(job)
-                raise errors.ServiceError(499, "client_closed_request", "the client went away")
-        finally:
-            watcher.cancel()
-        try:
-            results = future.result()
-        except RowTooLarge as exc:
-            raise errors.unavailable(
-                "out_of_memory",
-                f"an input does not fit in the server's memory even alone; shorten it "
-                f"(request id {request_id})",
-            ) from exc
-        except BatchFailed as exc:
-            raise errors.internal(request_id) from exc
-        return Outcome(rows, results, job.queue_s, job.compute_s)

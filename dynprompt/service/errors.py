@@ -8,6 +8,7 @@ and anything unexpected into that body. A stack trace never reaches a client.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -90,24 +91,22 @@ def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
-def validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
-    """(status, type, message) for a failed body: malformed JSON is 400, the rest 422.
-
-    The message names each field and what is wrong, never the submitted value.
-    """
-    errors = exc.errors()
-    if any(err.get("type") == "json_invalid" for err in errors):
-        err = next(e for e in errors if e.get("type") == "json_invalid")
+def validation_message(problems: Sequence[Any]) -> tuple[int, str, str]:
+    """(status, type, message) for a failed body (pydantic's `errors()`): malformed JSON
+    is 400, the rest 422. The message names each field and what is wrong, never the
+    submitted value."""
+    if any(err.get("type") == "json_invalid" for err in problems):
+        err = next(e for e in problems if e.get("type") == "json_invalid")
         detail = (err.get("ctx") or {}).get("error", "")
         return 400, "invalid_json", f"request body is not valid JSON ({detail})".replace(" ()", "")
-    problems = []
-    for err in errors[:10]:
+    shown = []
+    for err in problems[:10]:
         message = str(err.get("msg", "invalid"))
         if err.get("type") == "missing":
             message = "field required"
-        problems.append(f"{_location(tuple(err.get('loc', ())))}: {message}")
-    more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
-    return 422, "invalid_request", "; ".join(problems) + more
+        shown.append(f"{_location(tuple(err.get('loc', ())))}: {message}")
+    more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+    return 422, "invalid_request", "; ".join(shown) + more
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -117,11 +116,7 @@ def install_handlers(app: FastAPI) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        status, type_, message = validation_message(exc)
-        # Count the request under its model when the body named a loaded one.
-        body = exc.body
-        if isinstance(body, dict) and isinstance(body.get("model"), str):
-            request.state.model_name = body["model"]
+        status, type_, message = validation_message(exc.errors())
         return error_response(status, type_, message)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -1,15 +1,22 @@
-"""Prometheus metrics of DESIGN §4, in a registry of their own per app.
+"""Prometheus metrics of DESIGN §4, in a registry of their own, owned by the engine core.
 
 A dedicated `CollectorRegistry` (never the global one) lets tests build several
-apps in one process. Labels stay bounded: model names of loaded models (anything
-else is `_unknown`), backbone names, HTTP status codes.
+cores in one process. The core owns it whatever the number of HTTP processes, so
+each request is counted once: front ends send it a `Record` per finished request
+(`observe_request`), workers report each batch (`observe_batch`). Labels stay
+bounded: model names of served models (anything else is `_unknown`), backbone
+names, HTTP status codes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from dynprompt.service.protocol import Record
 
 UNKNOWN_MODEL = "_unknown"
 
@@ -22,6 +29,14 @@ INPUT_TOKEN_BUCKETS = (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 10
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # Router decisions are small integers: one bucket per value up to 32, then coarser.
 DECISION_BUCKETS = tuple(float(i) for i in range(33)) + (40, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+@dataclass
+class _ModelChildren:
+    duration: Any
+    length: Any
+    before: Any
+    requests: dict[int, Any] = field(default_factory=dict)  # status -> counter child
 
 
 class ServiceMetrics:
@@ -63,6 +78,11 @@ class ServiceMetrics:
         self.queue_depth = Gauge(
             p + "queue_depth", "Classify requests admitted and not yet answered.", registry=r
         )
+        self.compute_cpu = Counter(
+            p + "compute_cpu_seconds", "CPU time of the threads running batches (launching "
+            "kernels on a GPU; all of the work on a CPU).",
+            ["backbone"], registry=r,
+        )  # fmt: skip
         self.input_tokens = Histogram(
             p + "input_tokens", "Tokens per input row (specials included, prompt excluded).",
             buckets=INPUT_TOKEN_BUCKETS, registry=r,
@@ -81,13 +101,23 @@ class ServiceMetrics:
             ["model", "variant", "backbone"],
             registry=r,
         )
+        self.build_info = Gauge(
+            p + "build_info",
+            "The server's version and how it computes (value 1).",
+            ["version", "backend", "device", "dtype"],
+            registry=r,
+        )
         self._gpu_memory: Gauge | None = None
+        self._children: dict[str, _ModelChildren] = {}
 
     def set_models(self, infos: list[tuple[str, str, str]]) -> None:
         """Replace the model_info series with exactly these (model, variant, backbone)."""
         self.model_info.clear()
         for model, variant, backbone in infos:
             self.model_info.labels(model, variant, backbone).set(1)
+
+    def set_build_info(self, version: str, backend: str, device: str, dtype: str) -> None:
+        self.build_info.labels(version, backend, device, dtype).set(1)
 
     def track_gpu_memory(self, read: Callable[[], float]) -> None:
         if self._gpu_memory is None:
@@ -98,13 +128,45 @@ class ServiceMetrics:
             self._gpu_memory.set_function(read)
 
     def observe_batch(
-        self, backbone: str, seconds: float, rows: int, padded: int, real: int, models: int
+        self,
+        backbone: str,
+        seconds: float,
+        cpu_seconds: float,
+        rows: int,
+        padded: int,
+        real: int,
+        models: int,
     ) -> None:
         self.inference_duration.labels(backbone).observe(seconds)
+        self.compute_cpu.labels(backbone).inc(cpu_seconds)
         self.batch_size.observe(rows)
         self.batch_tokens.observe(padded)
         self.batch_padding_ratio.observe(1.0 - real / padded if padded else 0.0)
         self.batch_models.observe(models)
+
+    def observe_request(self, record: Record, served: bool) -> None:
+        """One finished classify request; `served`: its model is in the served set."""
+        model = record.model if served and record.model is not None else UNKNOWN_MODEL
+        children = self._children.get(model)
+        if children is None:  # `labels()` costs a lock and a tuple: look each child up once
+            children = self._children[model] = _ModelChildren(
+                self.request_duration.labels(model),
+                self.prompt_length.labels(model),
+                self.prompt_tokens_before.labels(model),
+            )
+        counter = children.requests.get(record.status)
+        if counter is None:
+            counter = children.requests[record.status] = self.requests.labels(
+                model, str(record.status)
+            )
+        counter.inc()
+        children.duration.observe(record.seconds)
+        if record.queue_s is not None:
+            self.queue_duration.observe(record.queue_s)
+        for tokens, m, b in record.decisions:
+            self.input_tokens.observe(tokens)
+            children.length.observe(m)
+            children.before.observe(b)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

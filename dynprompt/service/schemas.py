@@ -57,6 +57,13 @@ class ClassifyRequest(BaseModel):
         },
     )
     model: ModelName = Field(description="name of a loaded model (see GET /v1/models)")
+    version: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="pin one version of the model (a numbered folder in the repository); "
+        "by default the newest",
+    )
     inputs: list[Input] = Field(
         min_length=1,
         description="texts, or {text, text_pair} objects for pair models; at most the "
@@ -113,10 +120,23 @@ class ModelCard(BaseModel):
     )
     backbone: str
     version: str = Field(description="checksum of the checkpoint's weights")
+    model_version: int = Field(
+        description="the served version: its numbered folder (1 for an unversioned one)"
+    )
+    versions: list[int] = Field(description="every served version of this model")
     loaded_at: str = Field(description="when this version was loaded (ISO 8601, UTC)")
-    metrics: dict[str, float] = Field(description="dev metrics recorded at training")
+    metrics: dict[str, float | int] = Field(
+        description="dev metrics recorded at training; dev_examples: how many dev examples "
+        "they were measured on"
+    )
+    training_data: str = Field(description="what the model was trained on, with sizes")
+    train_examples: int | None = Field(None, description="training examples used")
+    dev_examples: int | None = Field(None, description="dev examples behind the metrics")
     max_length: int = Field(description="longest input in tokens, special tokens included")
     pair_input: bool = Field(description="whether inputs are {text, text_pair} pairs")
+    backend: str = Field(description="compute backend (torch or onnx)")
+    device: str = Field(description="where the model runs (cpu, cuda, cuda:N)")
+    dtype: str = Field(description="the backbone's precision")
 
 
 class ModelList(BaseModel):
@@ -143,4 +163,11 @@ class ReloadResult(BaseModel):
     removed: list[str] = Field(description="models no longer in the repository")
     refused: list[RefusedCheckpoint] = Field(
         description="checkpoints that failed to load; the version served before stays"
+    )
+    waiting: list[str] = Field(
+        default_factory=list, description="checkpoints still being written: left for later"
+    )
+    kept: bool = Field(
+        False,
+        description="the rescan found nothing to serve, so the models served before stay",
     )

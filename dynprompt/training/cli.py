@@ -1,29 +1,24 @@
 """`dynprompt train` and `dynprompt eval`.
 
-`train` builds a `TrainConfig` from a YAML/TOML file (`--config`) and one flag per
-config field (generated from the pydantic model, so `--help` lists and explains
-every field), plus `--set key=value` for anything, nested task lists included.
-Bad configs and bad data fail before any model is built, with a message naming
-the file, line and field, and exit code 2.
+`train` reads its settings through pydantic-settings (`dynprompt.training.settings`:
+defaults, a YAML/TOML file, `DYNPROMPT_TRAIN_*` variables, one generated flag per
+config field, `--set key=value`). Bad configs, bad data and a run folder that holds
+another run fail before any model is built, with a message naming the file, line
+and field (or what changed), and exit code 2. Nothing here imports torch before the
+arguments are parsed, so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-import types
-import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dynprompt.training.config import (
-    ConfigError,
-    TrainConfig,
-    build_config,
-    parse_value,
-    read_config_file,
-)
+from dynprompt.training.config import ConfigError
 from dynprompt.training.data import PRESETS, DataError
 
 EXIT_USAGE = 2
@@ -34,134 +29,16 @@ def _error(command: str, message: str) -> int:
     return EXIT_USAGE
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _choices(annotation: Any) -> list[str] | None:
-    """Literal choices of a field's annotation (through `X | None`)."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is typing.Literal:
-        return [str(a) for a in args]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in args:
-            found = _choices(arg)
-            if found:
-                return found
-    return None
-
-
-def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
-
-
-def _is_list(annotation: Any) -> bool:
-    if typing.get_origin(annotation) is list:
-        return True
-    return any(typing.get_origin(a) is list for a in typing.get_args(annotation))
-
-
 def train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dynprompt train",
-        description=(
-            "Train a dynamic-prompt classifier over a frozen backbone. Settings come from "
-            "defaults, then --config FILE, then the flags below (every config field has one). "
-            "Data: a --preset over the shared data folder, or --train-file/--dev-file with a "
-            "column mapping; multitask: --task PRESET repeated (or `tasks:` in the file)."
-        ),
-        epilog="presets: " + "; ".join(f"{k} ({v})" for k, v in PRESETS.items()),
-    )
-    parser.add_argument(
-        "--config", metavar="FILE", help="YAML (.yaml/.yml) or TOML (.toml) config file"
-    )
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set any config field; VALUE is YAML (e.g. --set tasks='[{preset: rte}, {preset: cb}]')",
-    )
-    parser.add_argument(
-        "--task",
-        dest="task_presets",
-        action="append",
-        default=None,
-        metavar="PRESET",
-        help="multitask: add a preset task (repeat the flag); each task gets its own checkpoint",
-    )
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
-    )
-    group = parser.add_argument_group("config fields (override the file)")
-    for name, info in TrainConfig.model_fields.items():
-        if name == "tasks":
-            continue
-        default = info.default
-        help_text = (info.description or "") + (
-            f" [default: {default}]" if default is not None else ""
-        )
-        help_text = help_text.replace("%", "%%")
-        if _is_bool(info.annotation):
-            group.add_argument(
-                _flag(name),
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-            continue
-        choices = _choices(info.annotation)
-        metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
-        if _is_list(info.annotation):
-            metavar = "A,B,..."
-        group.add_argument(
-            _flag(name), dest=name, default=argparse.SUPPRESS, metavar=metavar, help=help_text
-        )
-    return parser
+    from dynprompt.training.settings import train_parser as build
+
+    return build()[0]
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Flag values (only those given), parsed as YAML scalars; lists split on commas."""
-    out: dict[str, Any] = {}
-    for name, info in TrainConfig.model_fields.items():
-        if not hasattr(args, name):
-            continue
-        raw = getattr(args, name)
-        if isinstance(raw, bool):
-            out[name] = raw
-        elif _is_list(info.annotation):
-            value = parse_value(raw)
-            out[name] = (
-                value
-                if isinstance(value, list) or value is None
-                else [part.strip() for part in str(raw).split(",") if part.strip()]
-            )
-        else:
-            value = parse_value(raw)
-            # Keep text fields text: `--name 2024` or `--text-field 1` are names, not numbers.
-            out[name] = (
-                str(raw) if info.annotation in (str, str | None) and value is not None else value
-            )
-    if args.task_presets:
-        out["tasks"] = [{"preset": p} for p in args.task_presets]
-    for item in args.sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        out[key.strip().replace("-", "_")] = parse_value(value)
-    return out
+def resolve_train_config(argv: list[str]) -> tuple[Any, argparse.Namespace]:
+    from dynprompt.training.settings import resolve_train_config as resolve
 
-
-def resolve_train_config(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
-    args = train_parser().parse_args(argv)
-    file_values = read_config_file(args.config) if args.config else {}
-    overrides = overrides_from_args(args)
-    source = args.config or "command line"
-    if args.config and overrides:
-        source = f"{args.config} (with command-line overrides)"
-    return build_config(file_values, overrides, source), args
+    return resolve(argv)
 
 
 def train_main(argv: list[str]) -> int:
@@ -175,18 +52,20 @@ def train_main(argv: list[str]) -> int:
 
         print(dump_config(config), end="")
         return 0
-    from dynprompt.models.backbone import BackboneError
     from dynprompt.training.prepare import load_tasks
+    from dynprompt.training.resume import check_run_folder
 
     try:
         splits = load_tasks(config)  # every file read and checked before anything heavy
-    except DataError as exc:
+        check_run_folder(config, splits)  # a folder holding another run: refused now
+    except (DataError, ConfigError) as exc:
         return _error("train", str(exc))
+    from dynprompt.models.backbone import BackboneError
     from dynprompt.training.trainer import train
 
     try:
         result = train(config, splits=splits)
-    except (DataError, BackboneError) as exc:
+    except (ConfigError, DataError, BackboneError) as exc:  # ConfigError: a run folder's
         return _error("train", str(exc))
     for name, res in result.results.items():
         where = result.checkpoints.get(name)
@@ -200,19 +79,78 @@ def train_main(argv: list[str]) -> int:
 # ----------------------------------------------------------------------------- eval
 
 
+def add_layout_args(group: Any, labels: bool = True) -> None:
+    """The flags that say how a file holds its rows, spelled as `train` spells them.
+    Unset, they leave the checkpoint's stored layout in force."""
+    group.add_argument(
+        "--header",
+        dest="has_header",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TSV/CSV files have a header row (--no-header: columns are named 0, 1, ...)",
+    )
+    group.add_argument(
+        "--has-header",
+        dest="has_header",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=argparse.SUPPRESS,
+    )
+    group.add_argument("--text-field", help="column or JSON key holding the text")
+    group.add_argument("--pair-field", help="column holding the second text of a pair")
+    if labels:
+        group.add_argument("--label-field", help="column or JSON key holding the label")
+
+
+def thread_count(text: str) -> int | None:
+    if text.strip().lower() in ("null", "none"):
+        return None
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def add_threads_arg(group: Any) -> None:
+    group.add_argument(
+        "--num-threads",
+        type=thread_count,
+        default=1,
+        metavar="N",
+        help="CPU threads for torch (null: torch's choice, one per core) [default: 1, as for "
+        "train: the fastest on a shared 2-core machine]",
+    )
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's thread count set to `n` (None: left alone) for the block, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynprompt eval",
         description=(
             "Evaluate a checkpoint on a labelled file or a preset split: accuracy, macro-F1, "
-            "per-class scores, the confusion matrix and the router's decision histograms."
+            "per-class scores, the confusion matrix and the router's decision histograms. "
+            "A file is read the way the checkpoint's training data was (its stored fields, "
+            "header and format); the layout flags override that."
         ),
         epilog="presets: " + ", ".join(PRESETS),
     )
     parser.add_argument(
         "checkpoint", help="checkpoint folder (dynprompt.json + weights.safetensors)"
     )
-    src = parser.add_argument_group("data (a preset split, or a file with a column mapping)")
+    src = parser.add_argument_group("data (a preset split, or a labelled file)")
     src.add_argument("--preset", help="preset name")
     src.add_argument("--split", default="dev", help="preset split (train, dev, test)")
     src.add_argument(
@@ -222,15 +160,15 @@ def eval_parser() -> argparse.ArgumentParser:
     src.add_argument("--split-seed", type=int, default=0, help="split seed for BoolQ/WiC")
     src.add_argument("--file", help="labelled .tsv, .csv or .jsonl file")
     src.add_argument(
-        "--format", choices=["tsv", "csv", "jsonl"], help="file format (default: suffix)"
+        "--format",
+        choices=["tsv", "csv", "jsonl"],
+        help="file format (default: the suffix, else the checkpoint's)",
     )
-    src.add_argument("--no-header", action="store_true", help="TSV/CSV without a header row")
-    src.add_argument("--text-field", default="text", help="text column")
-    src.add_argument("--pair-field", help="second-text column (pairs)")
-    src.add_argument("--label-field", default="label", help="label column")
+    add_layout_args(src)
     parser.add_argument("--limit", type=int, help="evaluate a seeded subset of at most N examples")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_threads_arg(parser)
     parser.add_argument(
         "--backbone", help="load this backbone instead of the checkpoint's name_or_path"
     )
@@ -244,16 +182,36 @@ def eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def file_layout(args: argparse.Namespace, stored: Any) -> Any:
+    """The checkpoint's stored layout with the layout flags given on top; naming a
+    column drops a preset's own way of building its text."""
+    changes: dict[str, Any] = {}
+    if args.has_header is not None:
+        changes["has_header"] = args.has_header
+    for flag in ("text_field", "pair_field", "label_field"):
+        if getattr(args, flag, None) is not None:
+            changes[flag] = getattr(args, flag)
+            if flag != "label_field":
+                changes["preset"] = None
+    return stored.replace(**changes)
+
+
 def eval_main(argv: list[str]) -> int:
     """`dynprompt eval`: exit 0 on success, 2 on a bad checkpoint or bad data."""
     args = eval_parser().parse_args(argv)
-    from dynprompt.models.backbone import BackboneError, load_backbone
-    from dynprompt.models.checkpoint import CheckpointError, load_checkpoint, read_config
-    from dynprompt.training.data import ColumnMapping, load_preset, read_file
-    from dynprompt.training.prepare import subsample, tokenize
-
     if (args.preset is None) == (args.file is None):
         return _error("eval", "give exactly one of --preset NAME or --file PATH")
+    with torch_threads(args.num_threads):
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dynprompt.models.backbone import BackboneError
+    from dynprompt.models.checkpoint import CheckpointError, load_checkpoint, read_config
+    from dynprompt.training.data import Layout, load_preset, read_labelled
+    from dynprompt.training.prepare import subsample, tokenize
+    from dynprompt.training.runtime import quiet_load_backbone
+
     try:
         ckpt_config = read_config(args.checkpoint)
         labels = list(ckpt_config.head.labels)
@@ -268,15 +226,10 @@ def eval_main(argv: list[str]) -> int:
                     f"{args.checkpoint} has {labels}",
                 )
         else:
-            mapping = ColumnMapping(
-                text=args.text_field,
-                label=args.label_field,
-                text_pair=args.pair_field,
-                labels=labels,
-            )
-            data = read_file(args.file, mapping, args.format, not args.no_header, min_classes=1)
+            layout = file_layout(args, Layout.from_input_spec(ckpt_config.input))
+            data = read_labelled(args.file, layout, labels, args.format, min_classes=1)
         data = subsample(data, args.limit, 0, "evaluation subset")
-        backbone = load_backbone(
+        backbone = quiet_load_backbone(
             args.backbone or ckpt_config.backbone.name_or_path, device=args.device
         )
         model = load_checkpoint(args.checkpoint, backbone)
@@ -289,11 +242,13 @@ def eval_main(argv: list[str]) -> int:
         backbone, data, model.config.input.max_length, model.config.input.truncation_side
     )
     result = evaluate_model(model, rows.rows, rows.labels, args.batch_size)
+    where = f"{args.preset} {args.split}" if args.preset is not None else Path(args.file).name
     payload = {
         "checkpoint": str(args.checkpoint),
         "model": model.name,
         "variant": model.config.variant,
         "data": data.source,
+        "split": f"{where} ({result.n} examples)",
         **result.to_json(),
     }
     if args.output == "json":
@@ -315,5 +270,6 @@ def eval_main(argv: list[str]) -> int:
                 }
             },
             Path(args.plot),
+            split=str(payload["split"]),
         )
     return 0

@@ -1,14 +1,15 @@
 """`TrainConfig`: everything `dynprompt train` needs, validated once at the edge.
 
 A run is described by one pydantic object, built from defaults, then a YAML or
-TOML file, then command-line overrides (one generated flag per field, plus
-`--set key=value` for anything, nested task lists included). Inside the trainer
-only this validated object travels.
+TOML file, then `DYNPROMPT_TRAIN_*` environment variables, then the command line
+(see `dynprompt.training.settings`). Inside the trainer only this validated
+object travels.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dynprompt.models.config import NAME_PATTERN, Variant
+# The variant names and the name pattern of `dynprompt.models.config`, spelled out here
+# because importing that module imports the `dynprompt.models` package and with it torch
+# (seconds), which `dynprompt train --help` must not wait for. A test checks that the two
+# copies agree.
+Variant = Literal[
+    "prefix",
+    "task_position",
+    "instance_position",
+    "instance_length",
+    "instance_prompt",
+    "dynamic",
+    "linear_probe",
+    "finetune",
+]
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class ConfigError(ValueError):
@@ -53,7 +68,8 @@ class TaskData(_Strict):
     )
     has_header: bool = Field(
         default=True,
-        description="TSV/CSV files have a header row (without one, columns are named 0, 1, ...)",
+        description="TSV/CSV files have a header row (--no-header: none; columns are then "
+        "named 0, 1, ...)",
     )
     text_field: str = Field(default="text", description="column or JSON key holding the text")
     pair_field: str | None = Field(
@@ -186,8 +202,8 @@ class TrainConfig(_Strict):
     max_train_examples: int | None = _task_field("max_train_examples")
     tasks: list[TaskData] | None = Field(
         default=None,
-        description="multitask: a list of task data entries (YAML); on the command line "
-        "`--task PRESET` (repeatable)",
+        description="multitask: a list of task data entries (JSON or YAML); on the command "
+        "line, `--preset` repeated gives one task per preset",
     )
 
     # -- optimisation -----------------------------------------------------------------
@@ -248,7 +264,12 @@ class TrainConfig(_Strict):
         ge=1,
         description="stop after this many evaluations without improvement (null: never)",
     )
-    log_every: int = Field(default=10, ge=1, description="write a train record every N steps")
+    log_every: int = Field(
+        default=10,
+        ge=1,
+        description="write a train record every N steps (and a progress line, when stderr is "
+        "not a terminal)",
+    )
 
     # -- where, how -------------------------------------------------------------------
     output_dir: str = Field(
@@ -272,10 +293,18 @@ class TrainConfig(_Strict):
         default="no", description="mixed precision through Hugging Face Accelerate"
     )
     num_threads: int | None = Field(
-        default=None, ge=1, description="CPU threads for torch (default: torch's choice)"
+        default=1,
+        ge=1,
+        description="CPU threads for torch (null: torch's choice, one per core). One is the "
+        "default because it was the fastest on a shared 2-core machine (1.3-2.2x faster "
+        "than two); on a machine of your own, try its idle core count",
     )
     plots: bool = Field(default=True, description="write PNG plots at the end")
-    quiet: bool = Field(default=False, description="no progress bar")
+    quiet: bool = Field(
+        default=False,
+        description="no progress display (a bar on a terminal; otherwise a plain line every "
+        "log_every steps or 30 s)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

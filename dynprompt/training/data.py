@@ -14,16 +14,18 @@ Nothing in this module touches the network unless `load_hf` is called.
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
+import dataclasses
 import json
 import os
 import random
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -32,7 +34,9 @@ __all__ = [
     "ColumnMapping",
     "DataError",
     "Example",
+    "InputRow",
     "LabelledData",
+    "Layout",
     "data_dir",
     "few_shot",
     "load_fewshot32",
@@ -40,6 +44,8 @@ __all__ = [
     "load_preset",
     "preset_splits",
     "read_file",
+    "read_inputs",
+    "read_labelled",
 ]
 
 DATA_DIR_ENV = "DYNPROMPT_DATA_DIR"
@@ -203,40 +209,62 @@ def _detect_format(path: Path, fmt: str | None) -> str:
     return _SUFFIX_FORMATS[suffix]
 
 
-def _read_text(path: Path) -> str:
-    """Whole-file UTF-8 decode, so that a bad byte is reported with its line number."""
+STDIN = "-"
+
+
+def _open_binary(source: Path | str) -> IO[bytes]:
+    """The file (or stdin for "-") as bytes; a file that cannot be opened is a `DataError`."""
+    if str(source) == STDIN:
+        return sys.stdin.buffer
     try:
-        raw = path.read_bytes()
+        return open(source, "rb")  # noqa: SIM115 - closed by the reading generator
     except FileNotFoundError:
-        raise DataError(f"{path}: cannot read: file not found", path=str(path)) from None
+        raise DataError(f"{source}: cannot read: file not found", path=str(source)) from None
     except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}", path=str(path)) from exc
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        byte = raw[exc.start : exc.start + 1].hex()
-        raise DataError(
-            f"{_where(str(path), line, None)} not valid UTF-8 (byte 0x{byte} at column {col}); "
-            "re-encode the file as UTF-8",
-            path=str(path),
-            line=line,
-        ) from None
+        raise DataError(f"{source}: cannot read: {exc.strerror or exc}", path=str(source)) from exc
+
+
+def _decoded_lines(handle: IO[bytes], where: str) -> Iterator[str]:
+    """UTF-8 lines (endings kept), decoded one at a time so that a bad byte is reported
+    with its line and column, however large the file."""
+    for i, raw in enumerate(handle, start=1):
+        if i == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            byte = raw[exc.start : exc.start + 1].hex()
+            raise DataError(
+                f"{_where(where, i, None)} not valid UTF-8 (byte 0x{byte} at column "
+                f"{exc.start + 1}); re-encode the file as UTF-8",
+                path=where,
+                line=i,
+            ) from None
 
 
 def _iter_records(
-    path: Path, fmt: str, has_header: bool, needed: Sequence[str]
+    source: Path | str, fmt: str, has_header: bool, needed: Sequence[str]
 ) -> Iterator[tuple[int, Record]]:
-    """Yield (line number of the row's first line, record). Blank rows are skipped.
+    """Yield (line number of the row's first line, record), reading `source` (a path,
+    or "-" for stdin) as a stream. Blank rows are skipped.
 
     Delimited rows become {column name: str}; a short row simply lacks keys, which
     the field accessors report as missing.
     """
-    text = _read_text(path)
-    where = str(path)
+    where = "<stdin>" if str(source) == STDIN else str(source)
+    handle = _open_binary(source)
+    try:
+        yield from _records(_decoded_lines(handle, where), where, fmt, has_header, needed)
+    finally:
+        if handle is not sys.stdin.buffer:
+            handle.close()
+
+
+def _records(
+    lines: Iterator[str], where: str, fmt: str, has_header: bool, needed: Sequence[str]
+) -> Iterator[tuple[int, Record]]:
     if fmt == "jsonl":
-        for i, line in enumerate(text.split("\n"), start=1):
+        for i, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -256,13 +284,12 @@ def _iter_records(
             yield i, obj
         return
 
-    # newline="" keeps csv in charge of line ends, so quoted newlines survive.
-    stream = io.StringIO(text, newline="")
+    # Lines keep their endings, so csv stays in charge of them and quoted newlines survive.
     if fmt == "tsv":
         # QUOTE_NONE: SST sentences contain bare quotes that must stay verbatim.
-        reader = csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
-        reader = csv.reader(stream)
+        reader = csv.reader(lines)
     header: list[str] | None = None
     prev_end = 0
     try:
@@ -478,6 +505,137 @@ def read_file(
         pair_fn=pair_fn,
         label_field=mapping.label,
         labels=list(mapping.labels) if mapping.labels is not None else None,
+        min_classes=min_classes,
+    )
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a file holds its inputs: format (None: from the file's suffix), header row,
+    and the fields of the text, the pair text and the label; or the preset whose files
+    it is laid out like (a preset may build its text from several fields, as WiC's
+    "word: sentence1"). A checkpoint stores the layout of its training data, so that
+    `eval --file` and `predict` read data like it with no flags."""
+
+    text_field: str = "text"
+    pair_field: str | None = None
+    label_field: str = "label"
+    format: str | None = None
+    has_header: bool = True
+    preset: str | None = None
+
+    def replace(self, **changes: Any) -> Layout:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def of_preset(cls, name: str) -> Layout:
+        p = _preset(name)
+        return cls(p.text, p.pair, p.label, p.fmt, p.has_header, name)
+
+    @classmethod
+    def from_input_spec(cls, spec: Any) -> Layout:
+        """From a checkpoint's `input` section; checkpoints written before the layout was
+        stored lack all but the text and pair fields, and get the defaults."""
+        return cls(
+            text_field=spec.text_field,
+            pair_field=spec.pair_field,
+            label_field=getattr(spec, "label_field", None) or "label",
+            format=getattr(spec, "format", None),
+            has_header=getattr(spec, "has_header", True),
+            preset=getattr(spec, "preset", None),
+        )
+
+    def readers(self) -> tuple[TextFn, PairFn, list[str]]:
+        """(text of a record, pair text of a record, the columns a header must have)."""
+        text_fn: TextFn | None = None
+        if self.preset is not None:
+            text_fn = _preset(self.preset).text_fn
+        text_field, pair_field = self.text_field, self.pair_field
+
+        def pair_fn(record: Record) -> str | None:
+            return _get_text(record, pair_field) if pair_field is not None else None
+
+        needed = [text_field] + ([pair_field] if pair_field is not None else [])
+        return text_fn or (lambda r: _get_text(r, text_field)), pair_fn, needed
+
+    def resolve_format(self, source: Path | str, explicit: str | None = None) -> str:
+        """`explicit`, else the file's suffix, else the stored format."""
+        if explicit is not None or str(source) == STDIN:
+            fmt = explicit or self.format
+            if fmt is None:
+                raise DataError(
+                    f"{'<stdin>' if str(source) == STDIN else source}: say which format it "
+                    f"is in ({', '.join(_FORMATS)}); the checkpoint does not record one",
+                    path=str(source),
+                )
+            return _detect_format(Path(str(source)), fmt)
+        path = Path(source)
+        if path.suffix.lower() in _SUFFIX_FORMATS or self.format is None:
+            return _detect_format(path, None)
+        return _detect_format(path, self.format)
+
+
+@dataclass(frozen=True)
+class InputRow:
+    """One unlabelled input and the line it starts on."""
+
+    line: int
+    text: str
+    text_pair: str | None
+
+
+def read_inputs(source: Path | str, layout: Layout, fmt: str | None = None) -> Iterator[InputRow]:
+    """Stream the inputs of a file (or "-": stdin) laid out as `layout`, one row at a
+    time, never holding the file. The first bad row raises a `DataError` naming the
+    file, its line and the field; other columns and a label, if any, are ignored."""
+    kind = layout.resolve_format(source, fmt)
+    where = "<stdin>" if str(source) == STDIN else str(source)
+    text_fn, pair_fn, needed = layout.readers()
+    records = _iter_records(source, kind, layout.has_header, needed)
+    for line, record in records:
+        try:
+            if "__extra__" in record:
+                raise _FieldError(
+                    None,
+                    "columns",
+                    f"row has {record['__extra__']} fields, the header has "
+                    f"{len(record) - 1} (a stray delimiter in the text?)",
+                )
+            yield InputRow(line, text_fn(record), pair_fn(record))
+        except _FieldError as err:
+            raise DataError(
+                f"{_where(where, line, err.field)} {err.message}",
+                path=where,
+                line=line,
+                field=err.field,
+            ) from None
+
+
+def read_labelled(
+    path: str | os.PathLike[str],
+    layout: Layout,
+    labels: list[str] | None = None,
+    fmt: str | None = None,
+    *,
+    name: str | None = None,
+    min_classes: int = 2,
+) -> LabelledData:
+    """A labelled file laid out as `layout` (a checkpoint's stored layout, for `eval`)."""
+    p = Path(path)
+    kind = layout.resolve_format(p, fmt)
+    text_fn, pair_fn, needed = layout.readers()
+    records = list(_iter_records(p, kind, layout.has_header, [*needed, layout.label_field]))
+    return _build(
+        name=name or p.stem,
+        path=p,
+        records=records,
+        text_fn=text_fn,
+        pair_fn=pair_fn,
+        label_field=layout.label_field,
+        labels=labels,
         min_classes=min_classes,
     )
 

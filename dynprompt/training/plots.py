@@ -70,13 +70,12 @@ def plot_learning_curves(records: list[dict[str, Any]], path: Path) -> Path | No
     return path
 
 
-def plot_routing(histograms: dict[str, dict[str, dict[str, int]]], path: Path) -> Path | None:
-    """Bar charts of `tokens_before` and `prompt_length` per task.
+def routing_figure(histograms: dict[str, dict[str, dict[str, int]]], split: str) -> Any:
+    """Bar charts of `tokens_before` and `prompt_length` per task, as a matplotlib figure.
 
-    `histograms` maps task -> {"tokens_before": {value: count}, "prompt_length": {...}}.
+    `histograms` maps task -> {"tokens_before": {value: count}, "prompt_length": {...}};
+    `split` names what was counted (the y axis), e.g. "sst2 test examples (1821)".
     """
-    if not histograms:
-        return None
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -94,24 +93,36 @@ def plot_routing(histograms: dict[str, dict[str, dict[str, int]]], path: Path) -
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             label = "prompt tokens before the text" if col == 0 else "prompt length"
             ax.set_xlabel(label)
-            ax.set_ylabel("dev examples")
+            ax.set_ylabel(split)
             ax.set_title(f"{task}: {label}")
     fig.tight_layout()
+    return fig
+
+
+def plot_routing(
+    histograms: dict[str, dict[str, dict[str, int]]], path: Path, split: str = "dev examples"
+) -> Path | None:
+    """`routing_figure` written to `path` as a PNG."""
+    if not histograms:
+        return None
+    fig = routing_figure(histograms, split)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
 def plot_run(records: list[dict[str, Any]], directory: Path) -> list[Path]:
     """Both plots of a run from its metrics records; returns the files written."""
-    finals = {
+    finals = [r for r in records if r.get("type") == "final"]
+    histograms = {
         str(r["task"]): {"tokens_before": r["tokens_before"], "prompt_length": r["prompt_length"]}
-        for r in records
-        if r.get("type") == "final"
+        for r in finals
     }
+    sizes = sorted({int(r["n"]) for r in finals if "n" in r})
+    split = f"dev ({sizes[0]} examples)" if len(sizes) == 1 else "dev examples"
     out = [
         plot_learning_curves(records, directory / "learning_curves.png"),
-        plot_routing(finals, directory / "routing.png"),
+        plot_routing(histograms, directory / "routing.png", split),
     ]
     return [p for p in out if p is not None]

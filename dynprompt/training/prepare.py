@@ -2,27 +2,35 @@
 
 All data is read and checked here, before any model exists: a `DataError` names
 the file, line and field. Tokenisation runs once per example, up front; batches
-are collated from the stored rows.
+are collated from the stored rows. Reading and checking need neither torch nor a
+backbone (both are imported when tokenising), so a bad file, or a run folder that
+holds another run, is reported before seconds go into importing them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from dynprompt.models.backbone import Backbone, TokenizedRow
 from dynprompt.training.config import TaskData, TrainConfig
 from dynprompt.training.data import (
     ColumnMapping,
     DataError,
     LabelledData,
+    Layout,
     few_shot,
     load_preset,
     read_file,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from dynprompt.models.backbone import Backbone, TokenizedRow
 
 
 @dataclass
@@ -45,12 +53,48 @@ class TaskSplits:
         return self.train.labels
 
     def describe(self) -> str:
+        """What the task trains on and is judged on, with sizes, for people."""
         t = self.task
-        what = f"preset {t.preset}" if t.preset else f"file {t.train_file}"
+        if t.preset:
+            what = f"preset {t.preset}"
+        else:
+            what = f"file {t.train_file}" + (f", dev file {t.dev_file}" if t.dev_file else "")
         regime = {"full": "", "fewshot": f", {t.shots}-shot per class", "fewshot32": ", fewshot32"}[
             t.regime
         ]
         return f"{what}{regime}: train {len(self.train)}, dev {len(self.dev)}"
+
+    def data_hash(self) -> str:
+        """sha256 of exactly what the task trains and is judged on: the label names, then
+        every train, selection and dev example (text, pair, label) in order. A resumed
+        run must see the same examples; a checkpoint records which it saw."""
+        digest = hashlib.sha256()
+
+        def feed(value: object) -> None:
+            digest.update(json.dumps(value, ensure_ascii=False).encode())
+            digest.update(b"\n")
+
+        feed(self.labels)
+        for part in (self.train, self.select, self.dev):
+            feed(len(part))
+            for ex in part.examples:
+                feed([ex.text, ex.text_pair, ex.label])
+        return digest.hexdigest()
+
+    def layout(self) -> Layout:
+        """How the task's files hold their inputs: what a checkpoint stores so that
+        `eval --file` and `predict` read the same kind of file with no flags."""
+        t = self.task
+        if t.preset is not None:
+            return Layout.of_preset(t.preset)
+        assert t.train_file is not None
+        layout = Layout(
+            text_field=t.text_field,
+            pair_field=t.pair_field,
+            label_field=t.label_field,
+            has_header=t.has_header,
+        )
+        return layout.replace(format=layout.resolve_format(Path(t.train_file), t.format))
 
 
 def subsample(data: LabelledData, limit: int | None, seed: int, what: str) -> LabelledData:
@@ -180,16 +224,14 @@ class Rows:
 
 
 def tokenize(backbone: Backbone, data: LabelledData, max_length: int, truncation_side: str) -> Rows:
-    rows = [
-        backbone.tokenize_row(ex.text, ex.text_pair, max_length, truncation_side)
-        for ex in data.examples
-    ]
+    """Every example tokenised in one batched call (what serving does, row for row)."""
+    import torch
+
+    rows = backbone.tokenize_rows(
+        [ex.text for ex in data.examples],
+        [ex.text_pair for ex in data.examples],
+        max_length,
+        truncation_side,
+    )
     labels = torch.tensor([ex.label for ex in data.examples], dtype=torch.long)
     return Rows(rows, labels)
-
-
-def data_description(splits: TaskSplits) -> str:
-    t = splits.task
-    if t.preset is not None:
-        return f"preset:{t.preset}" + ("" if t.regime == "full" else f" ({t.regime})")
-    return str(Path(t.train_file or ""))

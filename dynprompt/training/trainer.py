@@ -10,7 +10,9 @@ parallelism under `accelerate launch`, and handles mixed precision. Batch order
 and Gumbel noise are pure functions of (seed, step), so a resumed run sees the
 same stream it would have seen without the interruption; resume state is
 safetensors + JSON, plus the optimizer's state (`torch.save`, loaded with
-`weights_only=True`), never part of a checkpoint.
+`weights_only=True`), never part of a checkpoint. A run folder is only continued
+with the data and settings it was started with (`dynprompt.training.resume`),
+checked before the backbone loads.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +35,25 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from dynprompt.models.backbone import Backbone, load_backbone
+from dynprompt.models.backbone import Backbone
 from dynprompt.models.checkpoint import save_checkpoint
-from dynprompt.models.config import VARIANT_DECISIONS, TrainingInfo, make_config
+from dynprompt.models.config import VARIANT_DECISIONS, InputSpec, TrainingInfo, make_config
 from dynprompt.models.model import DynPromptModel, Output
 from dynprompt.models.pipeline import frozen_features
 from dynprompt.models.routers import Routing
 from dynprompt.training.config import TrainConfig, dump_config
 from dynprompt.training.evaluate import EvalResult, evaluate_rows
-from dynprompt.training.prepare import Rows, TaskSplits, data_description, load_tasks, tokenize
+from dynprompt.training.prepare import Rows, TaskSplits, load_tasks, tokenize
+from dynprompt.training.progress import ProgressDisplay
+from dynprompt.training.resume import (
+    STATE_DIR,
+    STATE_FILE,
+    check_resume,
+    data_record,
+    settings_key,
+)
+from dynprompt.training.runtime import quiet_load_backbone, same_device
 
-STATE_DIR = "state"
 METRICS_FILE = "metrics.jsonl"
 
 Logger = Callable[[str], None]
@@ -67,17 +78,37 @@ def temperature(step: int, config: TrainConfig) -> float:
     return max(end, start * (end / start) ** t)
 
 
+# Our schedule names -> transformers' (`get_scheduler`).
+LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+@lru_cache(maxsize=32)
+def _lr_schedule(name: str, warmup: int, total: int) -> Callable[[int], float]:
+    from transformers import get_scheduler
+
+    # get_scheduler wants an optimizer; its multiplier function is all that is used here.
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    multiplier: Callable[[int], float] = get_scheduler(
+        LR_SCHEDULES[name], dummy, num_warmup_steps=warmup, num_training_steps=total
+    ).lr_lambdas[0]
+    return multiplier
+
+
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Multiplier of every base learning rate at `step` (warmup, then decay)."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.lr_schedule == "constant":
-        return 1.0
-    span = max(1, config.max_steps - config.warmup_steps)
-    t = min(1.0, (step - config.warmup_steps) / span)
-    if config.lr_schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * t))
-    return max(0.0, 1.0 - t)
+    """Multiplier of every base learning rate at `step`: transformers' schedule of that
+    name (linear warmup over `warmup_steps`, then constant, linear or cosine decay to 0
+    at `max_steps`).
+
+    During warmup, step `s` trains with the multiplier transformers gives step `s + 1`:
+    transformers' step 0 has multiplier 0, a step that would train nothing. After it the
+    two agree. These are the numbers dynprompt has always used (the shipped default
+    model was trained with them; a test pins them step by step)."""
+    warmup = config.warmup_steps
+    # A run that is all warmup (max_steps <= warmup_steps) never decays: its schedule
+    # ends past its last step.
+    total = max(config.max_steps, warmup + 1)
+    multiplier = _lr_schedule(config.lr_schedule, warmup, total)
+    return float(multiplier(step + 1 if step < warmup else step))
 
 
 # ----------------------------------------------------------------------------- batches
@@ -280,9 +311,22 @@ def build_models(
             label_words=config.label_words,
             pooling=config.pooling,
             max_length=s.task.max_length or config.max_length,
-            pair_field="text_pair" if s.train.has_pairs else None,
             truncation_side=config.truncation_side,
         )
+        # The layout of the training files, so that `eval --file` and `predict` read
+        # files like them with no flags.
+        layout = s.layout()
+        spec = InputSpec(
+            text_field=layout.text_field,
+            pair_field=layout.pair_field,
+            label_field=layout.label_field,
+            format=layout.format,  # type: ignore[arg-type]
+            has_header=layout.has_header,
+            preset=layout.preset,
+            max_length=model_config.input.max_length,
+            truncation_side=model_config.input.truncation_side,
+        )
+        model_config = model_config.model_copy(update={"input": spec})
         models[s.name] = DynPromptModel(model_config, backbone)
     first = next(iter(models.values()))
     for model in list(models.values())[1:]:
@@ -363,27 +407,6 @@ def _load_trainable(module: nn.Module, state: dict[str, Tensor]) -> None:
             tensor.copy_(source.to(tensor.device, tensor.dtype))
 
 
-def _resume_key(config: TrainConfig) -> dict[str, Any]:
-    """Fields that must match for a run folder's state to be continued."""
-    skip = {
-        "max_steps",
-        "eval_every",
-        "save_every",
-        "quiet",
-        "plots",
-        "resume",
-        "num_threads",
-        "device",
-        "early_stopping",
-        "log_every",
-        "checkpoint_dir",
-        "output_dir",
-        "eval_batch_size",
-        "final_eval_limit",
-    }
-    return {k: v for k, v in config.model_dump(mode="json").items() if k not in skip}
-
-
 @dataclass
 class Progress:
     step: int = 0
@@ -399,6 +422,7 @@ def save_state(
     progress: Progress,
     best: dict[str, Tensor] | None,
     config: TrainConfig,
+    splits: list[TaskSplits],
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / "trainable.safetensors.tmp"
@@ -411,10 +435,15 @@ def save_state(
     tmp = directory / "optimizer.pt.tmp"
     torch.save(optimizer.state_dict(), tmp)
     tmp.replace(directory / "optimizer.pt")
-    info = {**progress.__dict__, "config": _resume_key(config), "has_best": best is not None}
-    tmp = directory / "trainer.json.tmp"
+    info = {
+        **progress.__dict__,
+        "config": settings_key(config),
+        "data": data_record(splits),
+        "has_best": best is not None,
+    }
+    tmp = directory / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(directory / "trainer.json")
+    tmp.replace(directory / STATE_FILE)
 
 
 def load_state(
@@ -422,16 +451,13 @@ def load_state(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
+    splits: list[TaskSplits],
 ) -> tuple[Progress, dict[str, Tensor] | None]:
-    info = json.loads((directory / "trainer.json").read_text())
-    saved = info.pop("config")
-    want = _resume_key(config)
-    diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
-    if diff:
-        raise RuntimeError(
-            f"{directory}: the saved run used different settings ({', '.join(diff)}); "
-            "use another output_dir, or resume=false to start over"
-        )
+    """The saved state, after `check_resume` has said it is this run's."""
+    check_resume(directory, config, splits)
+    info = json.loads((directory / STATE_FILE).read_text())
+    info.pop("config")
+    info.pop("data")
     _load_trainable(module, load_file(str(directory / "trainable.safetensors")))
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
     best = load_file(str(directory / "best.safetensors")) if info.pop("has_best") else None
@@ -503,13 +529,6 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
 
-def _progress_bar(config: TrainConfig, start: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    disable = config.quiet or not enabled or not sys.stderr.isatty()
-    return tqdm(total=config.max_steps, initial=start, disable=disable, desc="train", unit="step")
-
-
 def train(
     config: TrainConfig,
     *,
@@ -523,20 +542,41 @@ def train(
 
     Data is loaded and checked first (a `DataError` before anything heavy happens).
     `backbone`/`splits` may be passed in by callers that reuse them across runs, and
-    `feature_store` lets runs over the same splits share frozen features.
+    `feature_store` lets runs over the same splits share frozen features. The torch
+    thread count is `num_threads` during the run and what it was afterwards.
     """
-    started = time.time()
+    threads = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    try:
+        return _train(config, backbone, splits, save, log, feature_store)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    config: TrainConfig,
+    backbone: Backbone | None,
+    splits: list[TaskSplits] | None,
+    save: bool,
+    log: Logger,
+    feature_store: dict[str, FrozenFeatures] | None,
+) -> TrainResult:
+    started = time.time()
     if splits is None:
         splits = load_tasks(config)
+    out_dir = Path(config.output_dir)
+    state_dir = out_dir / STATE_DIR
+    resuming = save and config.resume and (state_dir / STATE_FILE).exists()
+    if resuming:
+        check_resume(state_dir, config, splits)  # before anything heavy is loaded
     accelerator = make_accelerator(config)
     main = accelerator.is_main_process
     info = log if main else (lambda _m: None)
     if backbone is None:
         info(f"loading backbone {config.backbone!r}")
-        backbone = load_backbone(config.backbone, device=accelerator.device)
-    elif backbone.device != accelerator.device:
+        backbone = quiet_load_backbone(config.backbone, device=accelerator.device)
+    elif not same_device(backbone.device, accelerator.device):
         raise RuntimeError(f"backbone is on {backbone.device}, the run on {accelerator.device}")
 
     models = build_models(config, splits, backbone)
@@ -566,16 +606,16 @@ def train(
     module = MultiTaskModule(models)
     optimizer = make_optimizer(module, config)
     wrapped, optimizer = accelerator.prepare(module, optimizer)
-    out_dir = Path(config.output_dir)
-    state_dir = out_dir / STATE_DIR
 
     progress = Progress()
     best: dict[str, Tensor] | None = None
     resumed = False
-    if save and config.resume and (state_dir / "trainer.json").exists():
-        progress, best = load_state(state_dir, module, optimizer, config)
+    if resuming:
+        progress, best = load_state(state_dir, module, optimizer, config, splits)
         resumed = True
-        info(f"resuming {out_dir} from step {progress.step}")
+        info(f"resuming {out_dir} from step {progress.step} (same data and settings)")
+        if progress.step >= config.max_steps:
+            info(f"step {progress.step} reached max_steps {config.max_steps}: nothing to train")
     if save and main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_config(config))
@@ -598,9 +638,15 @@ def train(
     generator = torch.Generator(device=accelerator.device)
     save_every = config.save_every or config.eval_every
 
-    bar = _progress_bar(config, progress.step, main)
+    bar = ProgressDisplay(
+        desc="train",
+        total=config.max_steps,
+        initial=progress.step,
+        unit="step",
+        every=config.log_every,
+        enabled=main and not config.quiet,
+    )
     window: dict[str, float] = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "n": 0.0}
-    postfix: dict[str, str] = {}
     stopped_early = False
     module.train()
     step = progress.step
@@ -630,7 +676,6 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         progress.step = step
-        bar.update(1)
 
         if step % config.log_every == 0 or step == config.max_steps:
             record = {
@@ -643,17 +688,19 @@ def train(
                 "time": round(time.time() - started, 2),
             }
             metrics.write(record)
-            postfix.update(
+            bar.set_postfix(
                 loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}", tau=f"{tau:.3f}"
             )
-            bar.set_postfix(postfix)
             window = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "n": 0.0}
+        bar.update(1)
 
         if step % config.eval_every == 0 or step == config.max_steps:
             scores = []
+            sizes = []
             for st in states:
                 result = evaluate_task(module, st, "select", config.eval_batch_size)
                 scores.append(result.metric(config.metric))
+                sizes.append(result.n)
                 metrics.write(
                     {
                         "type": "eval",
@@ -671,20 +718,18 @@ def train(
                     best = _trainable_state(module)
             else:
                 progress.bad_evals += 1
-            postfix["dev"] = f"{score:.3f}"
-            bar.set_postfix(postfix)
+            bar.set_postfix(dev=f"{score:.3f}")
             message = (
-                f"step {step}/{config.max_steps}: dev {config.metric} {score:.4f} "
-                f"(best {progress.best_score:.4f} at step {progress.best_step}), tau {tau:.3f}"
+                f"step {step}/{config.max_steps}: dev {config.metric} {score:.4f} on "
+                f"{'+'.join(map(str, sizes))} examples (best {progress.best_score:.4f} at "
+                f"step {progress.best_step}), tau {tau:.3f}"
             )
-            if bar.disable:
+            if not bar.write(message):
                 info(message)
-            else:
-                bar.write(message)
             if config.early_stopping is not None and progress.bad_evals >= config.early_stopping:
                 stopped_early = True
         if save and main and (step % save_every == 0 or step == config.max_steps or stopped_early):
-            save_state(state_dir, module, optimizer, progress, best, config)
+            save_state(state_dir, module, optimizer, progress, best, config, splits)
         if stopped_early:
             info(
                 f"early stopping at step {step}: no improvement in {config.early_stopping} evaluations"
@@ -753,13 +798,14 @@ def _training_info(
             "router": config.lr_router,
             "head": config.lr_head,
         },
-        "train_examples": len(state.train),
-        "dev_examples": result.n,
     }
     if len(states) > 1:
         extra["multitask_with"] = [s.name for s in states if s is not state]
     return TrainingInfo(
-        data=data_description(state.splits),
+        data=state.splits.describe(),
+        data_hash=state.splits.data_hash(),
+        train_examples=len(state.train),
+        dev_examples=result.n,
         steps=best_step,
         seed=config.seed,
         temperature={
@@ -771,6 +817,7 @@ def _training_info(
         metrics={
             "dev_accuracy": round(result.accuracy, 6),
             "dev_macro_f1": round(result.macro_f1, 6),
+            "dev_examples": result.n,
         },
         date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **extra,

@@ -1,0 +1,176 @@
+"""GPU serving: the bare backbone's ceiling, the batch pipeline, and the server, on CUDA.
+
+    dynprompt bench gpu [--duration 10] [--dtypes float16 bfloat16] [--workers N]
+
+Where no CUDA device is present it says so and exits 0 (nothing to measure on a CPU).
+On a GPU, with the shipped default model (MiniLM, a 50-token `instance_position`
+prompt, `backbone` router features) and SST-2 dev sentences, for each dtype:
+
+- the ceiling: the bare backbone's forward over every sentence plus 50 positions (the
+  prompt's), batches of 128 and 512 — what the GPU can do;
+- `classify_rows` (the batch pipeline, pre-tokenised, shape buckets and CUDA graphs as
+  the server runs it) at 32, 128 and 512 rows: goal >= 0.7 of the ceiling at 512;
+- `dynprompt serve` at 1, 64 and 256 closed-loop single-sentence clients and 16 clients
+  x 32 sentences, with p50/p99; load comes from several client processes, so the client
+  is not the bottleneck. Goals: >= 20,000 single-sentence requests/s; >= 50% of the
+  ceiling with 32-sentence requests; p50 <= 5 ms at one client.
+
+Writes the `gpu` section of docs/benchmarks.md, naming the device. On the offline GPU
+machine, pack what it lacks first (see ../shared/gpu/pack.py), e.g.
+`--wheel orjson==3.11.3 --wheel pyzmq==27.1.0 --wheel uvloop==0.21.0 --wheel httptools==0.6.4
+--wheel pydantic-settings==2.11.0 --wheel python-dotenv==1.1.1 --wheel filelock==3.19.1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from benchmarks.loadgen import LoadResult, run_load, sst2_sentences
+from benchmarks.report import write_section
+from dynprompt.models import load_backbone, load_checkpoint
+from dynprompt.models.inference import classify_rows
+from dynprompt.service.config import DEFAULT_REPOSITORY
+from tests.server_util import start_server
+
+PROMPT = 50
+
+
+def rate(run: Callable[[int], int], seconds: float) -> float:
+    """Rows per second of `run(i)` (which returns the rows it did), synchronised."""
+    run(0)
+    torch.cuda.synchronize()
+    done, i, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        done += run(i)
+        i += 1
+    torch.cuda.synchronize()
+    return done / (time.perf_counter() - start)
+
+
+def offline(dtype: str, sentences: list[str], seconds: float) -> dict[str, float]:
+    checkpoint = DEFAULT_REPOSITORY / "sst2"
+    backbone = load_backbone("minilm", "cuda", getattr(torch, dtype))
+    model = load_checkpoint(checkpoint, backbone=backbone)
+    rows = sorted(
+        backbone.tokenize_rows(sentences, None, model.config.input.max_length),
+        key=lambda r: len(r.input_ids),
+    )
+    out: dict[str, float] = {}
+    for batch in (128, 512):
+        batches = [backbone.collate(rows[i : i + batch]) for i in range(0, len(rows), batch)]
+
+        def bare(i: int, batches: list = batches) -> int:  # type: ignore[type-arg]
+            encoded = batches[i % len(batches)]
+            rows_, width = encoded.input_ids.shape
+            with torch.inference_mode():
+                embeds = backbone.embed(encoded.input_ids)
+                pad = backbone.pad_embedding().expand(rows_, PROMPT, -1)
+                x = torch.cat([embeds, pad], dim=1)
+                prompt = torch.ones(rows_, PROMPT, dtype=torch.long, device=x.device)
+                mask = torch.cat([encoded.attention_mask, prompt], dim=1)
+                backbone._hidden_states(x, mask, None)
+            return int(rows_)
+
+        out[f"bare_{batch}"] = rate(bare, seconds)
+    backbone.use_buckets(max_rows=512, capture=True)
+    for batch in (32, 128, 512):
+        batches = [backbone.collate(rows[i : i + batch]) for i in range(0, len(rows), batch)]
+
+        def pipeline(i: int, batches: list = batches) -> int:  # type: ignore[type-arg]
+            encoded = batches[i % len(batches)]
+            classify_rows(backbone, [model] * encoded.input_ids.shape[0], encoded)
+            return int(encoded.input_ids.shape[0])
+
+        out[f"pipeline_{batch}"] = rate(pipeline, seconds)
+    return out
+
+
+def _client(args: tuple[str, list[str], int, float, int]) -> LoadResult:
+    url, sentences, clients, seconds, inputs = args
+    return asyncio.run(
+        run_load(url, "sst2", sentences, clients, duration_s=seconds, inputs_per_request=inputs)
+    )
+
+
+def load(url: str, sentences: list[str], clients: int, seconds: float, inputs: int) -> LoadResult:
+    """Closed-loop load from up to 8 client processes; results merged."""
+    procs = max(1, min(8, clients // 16, os.cpu_count() or 1))
+    shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    with ProcessPoolExecutor(procs) as pool:
+        parts = list(pool.map(_client, [(url, sentences, n, seconds, inputs) for n in shares]))
+    merged = LoadResult(clients, min(p.seconds for p in parts), 0, 0)
+    for part in parts:
+        merged.requests += part.requests
+        merged.sentences += part.sentences
+        merged.statuses.update(part.statuses)
+        merged.latencies_ms += part.latencies_ms
+        merged.completions += part.completions
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument("--workers", type=int, default=None, help="server HTTP processes")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("dynprompt bench gpu: no CUDA device here; nothing to measure on a CPU.")
+        return 0
+    device = torch.cuda.get_device_name(0)
+    sentences = sst2_sentences()
+    lines = [
+        f"## GPU serving on {device} (`dynprompt bench gpu`)",
+        "",
+        f"`python -m benchmarks.gpu --duration {args.duration:g} "
+        f"--dtypes {' '.join(args.dtypes)}`; the shipped default model (MiniLM, 50-token "
+        "`instance_position` prompt, backbone router features), SST-2 dev sentences; "
+        f"{os.cpu_count()} CPU cores.",
+        "",
+        "| dtype | measure | sentences/s | requests/s | p50 ms | p99 ms |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for dtype in args.dtypes:
+        print(f"{dtype}: offline", flush=True)
+        figures = offline(dtype, sentences, args.duration)
+        for name, value in figures.items():
+            lines.append(f"| {dtype} | {name.replace('_', ' at ')} rows | {value:,.0f} | | | |")
+        ratio = figures["pipeline_512"] / figures["bare_512"]
+        lines.append(f"| {dtype} | pipeline / bare at 512 (goal ≥ 0.7) | **{ratio:.2f}** | | | |")
+        serve_args = ["--model-repository", str(DEFAULT_REPOSITORY), "--device", "cuda"]
+        serve_args += ["--dtype", dtype, "--max-batch-size", "512", "--max-wait-ms", "0"]
+        if args.workers:
+            serve_args += ["--workers", str(args.workers)]
+        with start_server(serve_args, log_dir=Path("/tmp") / "dynprompt-gpu-bench") as server:
+            for clients, inputs in ((1, 1), (64, 1), (256, 1), (16, 32)):
+                print(f"{dtype}: server, {clients} clients x {inputs}", flush=True)
+                result = load(server.url, sentences, clients, args.duration, inputs)
+                share = result.sentences_per_s / figures["bare_512"]
+                note = f" ({share:.0%} of the ceiling)" if inputs > 1 else ""
+                lines.append(
+                    f"| {dtype} | server, {clients} clients × {inputs} sentence(s){note} | "
+                    f"{result.sentences_per_s:,.0f} | {result.requests_per_s:,.0f} | "
+                    f"{statistics.median(result.latencies_ms):.1f} | {result.percentile(99):.1f} |"
+                )
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        print(f"wrote {write_section('gpu', table)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Request overhead: the server's own CPU cost per single-sentence request, compute aside.
+
+    dynprompt bench overhead [--rounds 3] [--duration 8] [--concurrency 64] [--workers 1 2]
+
+The model is a tiny random BERT (2 layers, hidden 32) that keeps MiniLM's real
+tokenizer, under a `prefix` checkpoint (20 prompt tokens): the request path does all
+its real work (HTTP, JSON, validation, admission, tokenisation, batching, routing,
+metrics, the access log) while the model's arithmetic is small. `--concurrency`
+closed-loop clients send one SST-2 dev sentence per request. For each server layout
+(`--workers`), rounds interleaved, medians reported:
+
+- requests/s;
+- the server's CPU milliseconds per request, all its processes and threads;
+- of which compute: the CPU time of the threads running the tiny model's batches
+  (`dynprompt_compute_cpu_seconds_total`); on these CPUs even a model this small
+  costs about 0.1 ms a row, which a GPU would take off the CPU;
+- the request path's own cost: the difference. This is what bounds how many requests
+  per second a front end can feed a GPU. Goal: at most 0.25 CPU-ms a request.
+
+The server runs with one torch thread (`--threads 1`): on 2 shared cores a second
+intra-op thread makes small matrix products slower, not faster.
+Writes the `overhead` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from benchmarks.loadgen import run_load, sst2_sentences
+from benchmarks.report import write_section
+from dynprompt.models import make_config, save_checkpoint
+from dynprompt.models.backbone import resolve_backbone_path
+from dynprompt.models.model import DynPromptModel
+from tests.server_util import ServerProcess, sample, scrape, start_server
+
+PROMPT_LENGTH = 20
+GOAL_MS = 0.25
+
+
+def tiny_backbone_folder(folder: Path) -> Path:
+    """A 2-layer, hidden-32 random BERT saved with MiniLM's tokenizer (loads offline)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path("minilm"))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    model = BertModel(config)  # with its pooler: a missing weight would load at random
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def prefix_repository(folder: Path, backbone_path: Path) -> Path:
+    from dynprompt.models import load_backbone
+
+    backbone = load_backbone(str(backbone_path))
+    torch.manual_seed(0)
+    config = make_config(
+        name="tiny",
+        variant="prefix",
+        backbone=backbone.spec(),
+        labels=["negative", "positive"],
+        prompt_length=PROMPT_LENGTH,
+    )
+    save_checkpoint(DynPromptModel(config, backbone).eval(), folder / "tiny")
+    return folder
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its descendants (every thread)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def total(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+    """A metric summed over all its label sets."""
+    return sum(value for (key, _), value in metrics.items() if key == name)
+
+
+@dataclass
+class Point:
+    layout: str
+    requests_per_s: float
+    cpu_ms: float
+    compute_ms: float
+    p50_ms: float
+
+    @property
+    def path_ms(self) -> float:
+        return self.cpu_ms - self.compute_ms
+
+
+def measure(
+    server: ServerProcess,
+    layout: str,
+    sentences: list[str],
+    concurrency: int,
+    duration: float,
+    warmup: float,
+) -> Point:
+    run = run_load(server.url, "tiny", sentences, concurrency, duration_s=1.0, warmup_s=0.0)
+    asyncio.run(run)  # warm connections and caches
+    before_metrics, before_cpu = scrape(server.url), tree_cpu_seconds(server.pid)
+    result = asyncio.run(
+        run_load(server.url, "tiny", sentences, concurrency, duration_s=duration, warmup_s=warmup)
+    )
+    after_cpu, after_metrics = tree_cpu_seconds(server.pid), scrape(server.url)
+    answered = sample(after_metrics, "dynprompt_requests_total", model="tiny", status="200") - (
+        sample(before_metrics, "dynprompt_requests_total", model="tiny", status="200")
+    )
+    compute = total(after_metrics, "dynprompt_compute_cpu_seconds_total") - total(
+        before_metrics, "dynprompt_compute_cpu_seconds_total"
+    )
+    bad = {s: n for s, n in result.statuses.items() if s != 200}
+    if bad:
+        raise SystemExit(f"{layout}: non-200 answers {bad}")
+    point = Point(
+        layout,
+        result.requests_per_s,
+        (after_cpu - before_cpu) * 1000 / answered,
+        compute * 1000 / answered,
+        result.percentile(50),
+    )
+    print(
+        f"  {layout}: {point.requests_per_s:.0f} requests/s, {point.cpu_ms:.3f} CPU-ms/request "
+        f"(compute {point.compute_ms:.3f}, path {point.path_ms:.3f}), p50 {point.p50_ms:.1f} ms",
+        flush=True,
+    )
+    return point
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per point")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    parser.add_argument("--concurrency", type=int, default=64, help="closed-loop clients")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="server layouts to compare"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    args = parser.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="dynprompt-overhead-"))
+    backbone_path = tiny_backbone_folder(workdir / "tiny-bert")
+    repo = prefix_repository(workdir / "repo", backbone_path)
+    sentences = sst2_sentences(512)
+    layouts = {w: f"--workers {w}" for w in args.workers}
+    servers = {
+        w: start_server(
+            ["--model-repository", str(repo), "--threads", "1", "--workers", str(w)],
+            log_dir=workdir / "logs",
+        )
+        for w in args.workers
+    }
+    points: dict[int, list[Point]] = {w: [] for w in args.workers}
+    try:
+        for r in range(args.rounds):
+            print(f"round {r + 1}/{args.rounds}", flush=True)
+            for w, server in servers.items():
+                points[w].append(
+                    measure(
+                        server,
+                        layouts[w],
+                        sentences,
+                        args.concurrency,
+                        args.duration,
+                        args.warmup,
+                    )
+                )
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    def med(w: int, field: str) -> float:
+        return statistics.median(getattr(p, field) for p in points[w])
+
+    lines = [
+        "## Request overhead (`dynprompt bench overhead`)",
+        "",
+        f"`python -m benchmarks.overhead --rounds {args.rounds} --duration {args.duration:g} "
+        f"--concurrency {args.concurrency} --workers {' '.join(map(str, args.workers))}`",
+        "",
+        f"A tiny random BERT (2 layers, hidden 32) with MiniLM's tokenizer, a `prefix` "
+        f"checkpoint ({PROMPT_LENGTH} prompt tokens), one SST-2 dev sentence per request, "
+        f"{args.concurrency} closed-loop clients on the same machine, server with one torch "
+        f"thread; medians of {args.rounds} interleaved rounds on a shared "
+        f"{len(os.sched_getaffinity(0))}-core CPU machine. CPU time is the server's, every "
+        "process and thread; *compute* is the CPU of the threads running the model's "
+        "batches (`dynprompt_compute_cpu_seconds_total`); the *request path* is the rest. "
+        f"Goal: request path ≤ {GOAL_MS} CPU-ms a request.",
+        "",
+        "| server | requests/s | CPU-ms / request | of which compute | request path | p50 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for w in args.workers:
+        lines.append(
+            f"| {layouts[w]} | {med(w, 'requests_per_s'):.0f} | {med(w, 'cpu_ms'):.3f} | "
+            f"{med(w, 'compute_ms'):.3f} | **{med(w, 'path_ms'):.3f}** | {med(w, 'p50_ms'):.1f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        print(f"wrote {write_section('overhead', table)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,313 @@
+"""How a front end reaches the engine core: in its own process, or over a local socket.
+
+`LocalCore` wraps an `EngineCore` in the HTTP process (`--workers 1`): submissions
+are method calls, answers come back from the core's threads through
+`call_soon_threadsafe`, once per batch.
+
+With `--workers N` the core runs in a process of its own (`serve_core`) behind a
+ZeroMQ ROUTER socket on a Unix socket in a private folder, and each HTTP process
+holds a `RemoteCore` (a DEALER socket), as vLLM separates its API server from its
+engine core. Both directions carry lists of messages: whatever one event-loop
+iteration (front end) or one batch (core) produced travels as one pickled frame,
+so the per-request cost of the hop is a few microseconds. Pickle is safe here
+because both ends are this program and the socket lives in a folder only this
+user can open.
+
+Messages, front end -> core: ("s", Submission) submit, ("c", ticket) cancel,
+("r", Record) a finished request's metrics, ("q", call id, method, args) a control
+call. Core -> front end: ("a", [Answer, ...]) answers, ("q", call id, ok, value)
+a control call's result (value is (kind, message) when not ok).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import signal
+import threading
+from collections import deque
+from typing import Any
+
+from dynprompt.service.protocol import Answer, CoreError, Record, Submission
+
+log = logging.getLogger("dynprompt.service.transport")
+
+PICKLE = pickle.HIGHEST_PROTOCOL
+
+
+class LocalCore:
+    """The engine core in this process (`--workers 1`)."""
+
+    def __init__(self, core: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.core = core  # an EngineCore (imported by the caller: it brings torch)
+        self.loop = loop
+        self._pending: dict[int, asyncio.Future[Answer]] = {}
+        self._loop_thread = threading.get_ident()
+
+    def submit(self, sub: Submission) -> asyncio.Future[Answer]:
+        future: asyncio.Future[Answer] = self.loop.create_future()
+        self._pending[sub.ticket] = future
+        self.core.submit(sub, self)
+        return future
+
+    def deliver(self, answers: list[Answer]) -> None:
+        """Called by the core: from its threads, or from the loop for an immediate refusal."""
+        if threading.get_ident() == self._loop_thread:
+            self._resolve(answers)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self.loop.call_soon_threadsafe(self._resolve, answers)
+
+    def _resolve(self, answers: list[Answer]) -> None:
+        for answer in answers:
+            future = self._pending.pop(answer.ticket, None)
+            if future is not None and not future.done():
+                future.set_result(answer)
+
+    def cancel(self, ticket: int) -> None:
+        self._pending.pop(ticket, None)
+        self.core.cancel(self, ticket)
+
+    def record(self, record: Record) -> None:
+        self.core.record([record])
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if method == "reload":  # loads checkpoints: keep it off the event loop
+            return await asyncio.to_thread(self.core.call, method, *args)
+        return self.core.call(method, *args)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.core.stop, 10.0)
+
+
+class RemoteCore:
+    """The engine core in another process, over a ZeroMQ DEALER socket."""
+
+    def __init__(self, address: str) -> None:
+        import zmq
+        import zmq.asyncio
+
+        self._zmq = zmq
+        self.context = zmq.asyncio.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 2000)
+        self.socket.connect(address)
+        self._pending: dict[int, asyncio.Future[Answer]] = {}
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._call_ids = itertools.count(1)
+        self._out: list[tuple[Any, ...]] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        self._out.append(message)
+        if len(self._out) == 1:
+            asyncio.get_running_loop().call_soon(self.flush)
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read())
+
+    def flush(self) -> None:
+        out, self._out = self._out, []
+        if out:
+            self.socket.send(pickle.dumps(out, PICKLE), copy=False)
+
+    async def _read(self) -> None:
+        while True:
+            frame = await self.socket.recv()
+            kind, *rest = pickle.loads(frame)
+            if kind == "a":
+                for answer in rest[0]:
+                    future = self._pending.pop(answer.ticket, None)
+                    if future is not None and not future.done():
+                        future.set_result(answer)
+            elif kind == "q":
+                call_id, ok, value = rest
+                waiter = self._calls.pop(call_id, None)
+                if waiter is not None and not waiter.done():
+                    if ok:
+                        waiter.set_result(value)
+                    else:
+                        waiter.set_exception(CoreError(*value))
+
+    def submit(self, sub: Submission) -> asyncio.Future[Answer]:
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._pending[sub.ticket] = future
+        self._send(("s", sub))
+        return future
+
+    def cancel(self, ticket: int) -> None:
+        self._pending.pop(ticket, None)
+        self._send(("c", ticket))
+
+    def record(self, record: Record) -> None:
+        self._send(("r", record))
+        self.flush()  # counted before the response leaves: a scrape right after sees it
+
+    async def call(self, method: str, *args: Any) -> Any:
+        call_id = next(self._call_ids)
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = waiter
+        self._send(("q", call_id, method, args))
+        return await waiter
+
+    async def close(self) -> None:
+        self.flush()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self.socket.close()
+        self.context.term()
+
+
+class _RemoteTarget:
+    """Answers for one front end, queued by the core's threads for the socket thread."""
+
+    def __init__(self, identity: bytes, server: CoreServer) -> None:
+        self.identity = identity
+        self.server = server
+
+    def deliver(self, answers: list[Answer]) -> None:
+        self.server.post(self.identity, ("a", answers))
+
+
+class CoreServer:
+    """The core process's socket loop: receive, hand to the core, send answers back.
+
+    ZeroMQ sockets belong to one thread, so the core's threads never touch the socket:
+    they queue outgoing frames and wake this loop through a pipe.
+    """
+
+    def __init__(self, core: Any, address: str) -> None:
+        import zmq
+
+        self.zmq = zmq
+        self.core = core
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 2000)
+        self.socket.bind(address)
+        self._outbox: deque[tuple[bytes, bytes]] = deque()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._targets: dict[bytes, _RemoteTarget] = {}
+        self._stop = threading.Event()
+
+    def post(self, identity: bytes, message: tuple[Any, ...]) -> None:
+        """Queue a frame for a front end (any thread)."""
+        self._outbox.append((identity, pickle.dumps(message, PICKLE)))
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_write, b"x")
+
+    def stop(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_write, b"x")
+
+    def run(self) -> None:
+        zmq = self.zmq
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        while not self._stop.is_set():
+            events = dict(poller.poll(500))
+            if self.socket in events:
+                self._receive_all()
+            if self._wake_read in events:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_read, 4096):
+                        pass
+            self._send_all()
+        self._send_all()
+        self.socket.close()
+        self.context.term()
+
+    def _send_all(self) -> None:
+        while self._outbox:
+            identity, frame = self._outbox.popleft()
+            self.socket.send_multipart([identity, frame], copy=False)
+
+    def _receive_all(self) -> None:
+        """Everything readable now, in arrival order per front end."""
+        zmq = self.zmq
+        while True:
+            try:
+                identity, frame = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            target = self._targets.get(identity)
+            if target is None:
+                target = self._targets[identity] = _RemoteTarget(identity, self)
+            self._handle(target, pickle.loads(frame))
+
+    def _handle(self, target: _RemoteTarget, messages: list[tuple[Any, ...]]) -> None:
+        core = self.core
+        records: list[Record] = []
+        for kind, *rest in messages:
+            if kind == "s":
+                core.submit(rest[0], target)
+            elif kind == "c":
+                core.cancel(target, rest[0])
+            elif kind == "r":
+                records.append(rest[0])
+            elif kind == "q":
+                self._control(target, *rest)
+        if records:
+            core.record(records)
+
+    def _control(self, target: _RemoteTarget, call_id: int, method: str, args: tuple[Any]) -> None:
+        def reply() -> None:
+            try:
+                value = (True, self.core.call(method, *args))
+            except CoreError as exc:
+                value = (False, (exc.kind, exc.message))
+            except Exception as exc:  # a bug: say so to the caller instead of hanging it
+                log.exception("core call %s failed", method)
+                value = (False, ("internal_error", f"{type(exc).__name__}: {exc}"))
+            self.post(target.identity, ("q", call_id, *value))
+
+        if method == "reload":  # loads checkpoints: keep the socket loop answering
+            threading.Thread(target=reply, name="dynprompt-reload", daemon=True).start()
+            return
+        if method == "render_metrics":
+            self._receive_all()  # count every request already reported before rendering
+        reply()
+
+
+def serve_core(core: Any, address: str, load: Any) -> int:
+    """Run a core process: bind, load the models in the background, serve until SIGTERM.
+
+    `load` loads and warms the repository (it raises if nothing can be served, and the
+    process then exits 1 so that the supervisor stops the server). SIGHUP reloads.
+    """
+    server = CoreServer(core, address)
+    failed = threading.Event()
+
+    def loading() -> None:
+        try:
+            load()
+        except Exception as exc:
+            log.error("cannot serve the model repository: %s", exc)
+            failed.set()
+            server.stop()
+
+    def on_hup(signum: int, frame: Any) -> None:
+        def reload() -> None:
+            try:
+                core.call("reload")
+            except CoreError as exc:
+                log.warning("SIGHUP reload not done: %s", exc.message)
+
+        threading.Thread(target=reload, name="dynprompt-reload", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: server.stop())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which drains
+    signal.signal(signal.SIGHUP, on_hup)
+    threading.Thread(target=loading, name="dynprompt-load", daemon=True).start()
+    server.run()
+    core.stop(10.0)
+    return 1 if failed.is_set() else 0

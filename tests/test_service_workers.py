@@ -1,0 +1,194 @@
+"""`--workers 2`: two HTTP processes in front of one engine process, over real HTTP.
+
+Each test opens many connections, so both HTTP processes serve some of them (the access
+log names the process of every request); the rules of DESIGN §4 must hold for the server
+as a whole: one admission limit, one drain, one reload, one count per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from dynprompt.models import Backbone, DynPromptModel, save_checkpoint, weights_checksum
+from tests.server_util import (
+    ServerProcess,
+    assert_result_matches,
+    build_model,
+    build_repository,
+    offline_predictions,
+    sample,
+    scrape,
+    start_server,
+)
+
+Repo = tuple[Path, dict[str, DynPromptModel]]
+MODELS = {
+    "ipos": {"variant": "instance_position", "feature": "backbone", "labels": ["neg", "pos"]},
+    "pre": {"variant": "prefix", "feature": "embeddings", "labels": ["neg", "pos"]},
+}
+TEXTS = [f"sentence {i}: a {'fine' if i % 2 else 'dull'} film about {i} people" for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, minilm: Backbone) -> Repo:
+    path = tmp_path_factory.mktemp("repo")
+    return path, build_repository(path, minilm, MODELS)
+
+
+@pytest.fixture(scope="module")
+def server(repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = start_server(
+        ["--model-repository", str(repo[0]), "--workers", "2", "--max-wait-ms", "20"],
+        log_dir=tmp_path_factory.mktemp("logs"),
+    )
+    yield proc
+    assert proc.stop() == 0, proc.logs()[-3000:]
+
+
+def one_connection_each(url: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+    """Every body on its own connection, all at once."""
+
+    async def post_all() -> list[httpx.Response]:
+        async def one(body: dict[str, Any]) -> httpx.Response:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                return await client.post("/v1/classify", json=body)
+
+        return list(await asyncio.gather(*(one(b) for b in bodies)))
+
+    return asyncio.run(post_all())
+
+
+def processes_that_answered(server: ServerProcess, status: int = 200) -> set[int]:
+    return {
+        rec["pid"]
+        for rec in server.log_records()
+        if rec.get("path") == "/v1/classify" and rec.get("status") == status
+    }
+
+
+def test_answers_equal_offline_from_both_processes(server: ServerProcess, repo: Repo) -> None:
+    models = repo[1]
+    bodies = [
+        {"model": ("ipos", "pre")[i % 2], "inputs": [text], "return_routing": True}
+        for i, text in enumerate(TEXTS)
+    ]
+    responses = one_connection_each(server.url, bodies)
+    for body, response in zip(bodies, responses, strict=True):
+        assert response.status_code == 200, response.text
+        model = models[body["model"]]
+        (want,) = offline_predictions(model, body["inputs"])
+        assert_result_matches(response.json()["results"][0], want, model.labels)
+    assert len(processes_that_answered(server)) == 2
+
+
+def test_every_request_is_counted_exactly_once(server: ServerProcess) -> None:
+    before = scrape(server.url)
+    bodies: list[dict[str, Any]] = [{"model": "pre", "inputs": [t]} for t in TEXTS[:10]]
+    bodies += [{"model": "ghost", "inputs": ["x"]}] * 4  # 404
+    bodies += [{"model": "ipos", "inputs": [""]}] * 3  # 422
+    statuses = [r.status_code for r in one_connection_each(server.url, bodies)]
+    assert statuses == [200] * 10 + [404] * 4 + [422] * 3
+    for _ in range(3):  # any process's /metrics shows the whole server's counts
+        after = scrape(server.url)
+        for model, status, count in (
+            ("pre", "200", 10),
+            ("_unknown", "404", 4),
+            ("ipos", "422", 3),
+        ):
+            got = sample(after, "dynprompt_requests_total", model=model, status=status)
+            assert (
+                got - sample(before, "dynprompt_requests_total", model=model, status=status)
+                == count
+            )
+        assert sample(after, "dynprompt_queue_depth") == 0
+
+
+def test_the_queue_limit_is_shared_by_the_processes(repo: Repo, tmp_path: Path) -> None:
+    with start_server(
+        [
+            "--model-repository", str(repo[0]), "--workers", "2",
+            "--max-queue-requests", "3", "--max-wait-ms", "3000", "--max-batch-size", "64",
+        ],
+        log_dir=tmp_path,
+    ) as proc:  # fmt: skip
+        bodies = [{"model": "pre", "inputs": [t]} for t in TEXTS[:16]]
+        responses = one_connection_each(proc.url, bodies)
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [200] * 3 + [429] * 13, statuses
+        for r in responses:
+            if r.status_code == 429:
+                assert r.json()["error"]["type"] == "queue_full" and r.headers["retry-after"]
+        refused = processes_that_answered(proc, 429)
+        assert len(refused | processes_that_answered(proc)) == 2  # both processes took part
+
+
+def test_sigterm_drains_every_process(repo: Repo, tmp_path: Path) -> None:
+    models = repo[1]
+    proc = start_server(
+        [
+            "--model-repository", str(repo[0]), "--workers", "2",
+            "--max-wait-ms", "3000", "--max-batch-size", "64",
+        ],
+        log_dir=tmp_path,
+    )  # fmt: skip
+    try:
+        bodies = [{"model": "pre", "inputs": [t]} for t in TEXTS[:12]]
+        answers: list[list[httpx.Response]] = []
+        sender = threading.Thread(
+            target=lambda: answers.append(one_connection_each(proc.url, bodies))
+        )
+        sender.start()
+        deadline = time.monotonic() + 30
+        while sample(scrape(proc.url), "dynprompt_queue_depth") < len(bodies):
+            assert time.monotonic() < deadline, "requests never got in flight"
+            time.sleep(0.05)
+        proc.terminate()
+        sender.join(60)
+        (responses,) = answers
+        assert [r.status_code for r in responses] == [200] * len(bodies)
+        for body, response in zip(bodies, responses, strict=True):
+            (want,) = offline_predictions(models["pre"], body["inputs"])
+            assert_result_matches(response.json()["results"][0], want, models["pre"].labels)
+        assert proc.wait(60) == 0
+        assert len(processes_that_answered(proc)) == 2  # in-flight work of both was finished
+        messages = [rec["msg"] for rec in proc.log_records()]
+        assert sum("SIGTERM: draining (new requests" in m for m in messages) == 2
+    finally:
+        proc.stop()
+
+
+def test_reload_swaps_the_model_for_every_process(
+    repo: Repo, tmp_path: Path, minilm: Backbone
+) -> None:
+    path = tmp_path / "repo"
+    build_repository(path, minilm, {"pre": MODELS["pre"]})
+    with start_server(
+        ["--model-repository", str(path), "--workers", "2", "--max-wait-ms", "5"], log_dir=tmp_path
+    ) as proc:
+        replacement = build_model("pre", minilm, seed=99, **MODELS["pre"])
+        save_checkpoint(replacement, path / "pre")
+        r = httpx.post(proc.url + "/v1/admin/reload", timeout=120)
+        assert r.status_code == 200 and r.json()["loaded"] == ["pre"], r.text
+        version = weights_checksum(path / "pre")
+        bodies = [{"model": "pre", "inputs": [t], "return_all_scores": True} for t in TEXTS[:16]]
+        for response, body in zip(one_connection_each(proc.url, bodies), bodies, strict=True):
+            (want,) = offline_predictions(replacement, body["inputs"])
+            assert_result_matches(response.json()["results"][0], want, replacement.labels)
+        assert len(processes_that_answered(proc)) == 2
+
+        async def cards() -> list[str]:
+            async def one() -> str:
+                async with httpx.AsyncClient(base_url=proc.url, timeout=30) as client:
+                    return str((await client.get("/v1/models/pre")).json()["version"])
+
+            return list(await asyncio.gather(*(one() for _ in range(8))))
+
+        assert set(asyncio.run(cards())) == {version}
