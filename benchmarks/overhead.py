@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +43,21 @@ from benchmarks.report import write_section
 from dynprompt.models import make_config, save_checkpoint
 from dynprompt.models.backbone import resolve_backbone_path
 from dynprompt.models.model import DynPromptModel
-from tests.server_util import ServerProcess, sample, scrape, start_server
+from tests.server_util import HOST, ServerProcess, free_port, sample, scrape, start_server
 
 PROMPT_LENGTH = 20
 GOAL_MS = 0.25
+# The same prefix checkpoint, written by whichever source tree runs this (see --baseline).
+MAKE_REPOSITORY = f"""
+import sys, torch
+from pathlib import Path
+from dynprompt.models import DynPromptModel, load_backbone, make_config, save_checkpoint
+backbone = load_backbone(sys.argv[2])
+torch.manual_seed(0)
+config = make_config(name="tiny", variant="prefix", backbone=backbone.spec(),
+                     labels=["negative", "positive"], prompt_length={PROMPT_LENGTH})
+save_checkpoint(DynPromptModel(config, backbone).eval(), Path(sys.argv[1]) / "tiny")
+"""
 
 
 def tiny_backbone_folder(folder: Path) -> Path:
@@ -82,6 +96,21 @@ def prefix_repository(folder: Path, backbone_path: Path) -> Path:
     return folder
 
 
+def tree_server(tree: Path, repo: Path, log_dir: Path) -> ServerProcess:
+    """`dynprompt serve` of another source tree (its own package, this interpreter)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = log_dir / f"baseline-{port}.log"
+    command = [sys.executable, "-m", "dynprompt.cli", "serve", "--model-repository", str(repo)]
+    command += ["--threads", "1", "--host", HOST, "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, cwd=tree, env=env, stdout=log_file, stderr=log_file)
+    server = ServerProcess(process, port, log_path, command)
+    server.wait_ready()
+    return server
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU of a process and all its descendants (every thread)."""
     root = psutil.Process(pid)
@@ -93,6 +122,10 @@ def tree_cpu_seconds(pid: int) -> float:
             continue
         total += times.user + times.system
     return total
+
+
+def shown(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.3f}"
 
 
 def total(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
@@ -131,9 +164,10 @@ def measure(
     answered = sample(after_metrics, "dynprompt_requests_total", model="tiny", status="200") - (
         sample(before_metrics, "dynprompt_requests_total", model="tiny", status="200")
     )
-    compute = total(after_metrics, "dynprompt_compute_cpu_seconds_total") - total(
-        before_metrics, "dynprompt_compute_cpu_seconds_total"
-    )
+    name = "dynprompt_compute_cpu_seconds_total"
+    compute = total(after_metrics, name) - total(before_metrics, name)
+    if not any(key == name for key, _ in after_metrics):  # a server that does not export it
+        compute = float("nan")
     bad = {s: n for s, n in result.statuses.items() if s != 200}
     if bad:
         raise SystemExit(f"{layout}: non-200 answers {bad}")
@@ -163,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[1, 2], help="server layouts to compare"
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="TREE",
+        help="also measure the server of another source tree, side by side (e.g. `git worktree "
+        "add /tmp/base <commit>`): its row is labelled with the tree's commit",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args(argv)
 
@@ -170,23 +210,36 @@ def main(argv: list[str] | None = None) -> int:
     backbone_path = tiny_backbone_folder(workdir / "tiny-bert")
     repo = prefix_repository(workdir / "repo", backbone_path)
     sentences = sst2_sentences(512)
-    layouts = {w: f"--workers {w}" for w in args.workers}
+    layouts: dict[str, str] = {str(w): f"--workers {w}" for w in args.workers}
     servers = {
-        w: start_server(
+        str(w): start_server(
             ["--model-repository", str(repo), "--threads", "1", "--workers", str(w)],
             log_dir=workdir / "logs",
         )
         for w in args.workers
     }
-    points: dict[int, list[Point]] = {w: [] for w in args.workers}
+    if args.baseline:
+        tree = Path(args.baseline).resolve()
+        commit = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=False,
+        ).stdout.strip() or tree.name  # fmt: skip
+        layouts["base"] = f"baseline `{commit}`"
+        base_repo = workdir / "base-repo"
+        subprocess.run(  # its checkpoint written by its own code: formats may differ
+            [sys.executable, "-c", MAKE_REPOSITORY, str(base_repo), str(backbone_path)],
+            cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, check=True,
+        )  # fmt: skip
+        servers["base"] = tree_server(tree, base_repo, workdir / "logs")
+    points: dict[str, list[Point]] = {key: [] for key in servers}
     try:
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
-            for w, server in servers.items():
-                points[w].append(
+            for key, server in servers.items():
+                points[key].append(
                     measure(
                         server,
-                        layouts[w],
+                        layouts[key],
                         sentences,
                         args.concurrency,
                         args.duration,
@@ -197,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers.values():
             server.stop()
 
-    def med(w: int, field: str) -> float:
-        return statistics.median(getattr(p, field) for p in points[w])
+    def med(key: str, field: str) -> float:
+        return statistics.median(getattr(p, field) for p in points[key])
 
     lines = [
         "## Request overhead (`dynprompt bench overhead`)",
@@ -218,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         "| server | requests/s | CPU-ms / request | of which compute | request path | p50 ms |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for w in args.workers:
+    for key in servers:
         lines.append(
-            f"| {layouts[w]} | {med(w, 'requests_per_s'):.0f} | {med(w, 'cpu_ms'):.3f} | "
-            f"{med(w, 'compute_ms'):.3f} | **{med(w, 'path_ms'):.3f}** | {med(w, 'p50_ms'):.1f} |"
+            f"| {layouts[key]} | {med(key, 'requests_per_s'):.0f} | {med(key, 'cpu_ms'):.3f} | "
+            f"{shown(med(key, 'compute_ms'))} | **{shown(med(key, 'path_ms'))}** | "
+            f"{med(key, 'p50_ms'):.1f} |"
         )
     table = "\n".join(lines)
     print(table)

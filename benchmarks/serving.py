@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -37,7 +38,15 @@ import torch
 
 from benchmarks.loadgen import LoadResult, run_load, sst2_sentences
 from benchmarks.report import DOC, device_description, write_section
-from dynprompt.models import Backbone, DynPromptModel, TokenizedRow, classify_rows, load_backbone
+from dynprompt.models import (
+    Backbone,
+    DynPromptModel,
+    TokenizedRow,
+    classify_rows,
+    load_backbone,
+    load_checkpoint,
+)
+from dynprompt.service.config import DEFAULT_REPOSITORY
 from tests.server_util import ServerProcess, build_repository, start_server
 
 PROMPT_LENGTH = 20
@@ -189,16 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     models = build_repository(workdir / "repo", backbone, {
         name: {**choices, "prompt_length": PROMPT_LENGTH} for name, choices in MODELS.items()
     })  # fmt: skip
+    # The shipped default model (50-token instance_position prompt, backbone features).
+    shutil.copytree(DEFAULT_REPOSITORY / "sst2", workdir / "repo" / "default")
+    models["default"] = load_checkpoint(workdir / "repo" / "default", backbone=backbone)
     # The ceiling batches rows of similar length, as the server does at saturation.
-    rows = sorted(
-        (backbone.tokenize_row(s, None, 128) for s in sentences), key=lambda r: len(r.input_ids)
-    )
+    rows = sorted(backbone.tokenize_rows(sentences, None, 128), key=lambda r: len(r.input_ids))
     batch = args.max_batch_size
     point = {"duration": args.duration, "warmup": args.warmup}
     ceilings = {
         "bare": bare_forward(backbone),
         "offline_probe": model_forward(backbone, models["probe"]),
         "offline_prefix": model_forward(backbone, models["prefix"]),
+        "offline_default": model_forward(backbone, models["default"]),
     }
     rates: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
@@ -224,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 rates.setdefault(name, []).append(rate)
                 cpu.setdefault(name, []).append(cpu_ms)
                 print(f"  {name}: {rate:.1f} sentences/s, {cpu_ms:.1f} CPU ms/sentence", flush=True)
-            for name in ("probe", "probe8", "prefix", "ipos_emb", "ipos_bb"):
+            for name in ("probe", "probe8", "prefix", "ipos_emb", "ipos_bb", "default"):
                 if name == "probe8":  # 8 sentences a request: HTTP cost shared by 8
                     clients = max(1, args.concurrency // 8)
                     result = load(
@@ -257,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         ("the same, 8 sentences a request", ratio("probe8", "bare"), "≥ 0.85"),
         (f"server `prefix` / offline `prefix` (`classify_rows`, batch {batch})", ratio("prefix", "offline_prefix"), "≥ 0.85"),
         (f"server `prefix` / bare backbone (the prompt adds {PROMPT_LENGTH} tokens a row)", ratio("prefix", "bare"), "—"),
+        (f"the shipped default model: server / offline (`classify_rows`, batch {batch})", ratio("default", "offline_default"), "≥ 0.9"),
         ("batching gain: server `prefix` / same with `--max-batch-size 1`", ratio("prefix", "unbatched"), "> 1"),
         ("cost of dynamism, feature `embeddings`: `instance_position` / `prefix`", ratio("ipos_emb", "prefix"), "≥ 0.95"),
         ("cost of dynamism, feature `backbone`: `instance_position` / `prefix`", ratio("ipos_bb", "prefix"), "— (one extra backbone pass)"),
@@ -282,11 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         "bare": f"bare backbone forward, batches of {batch} by length, in-process",
         "offline_probe": f"offline `linear_probe` (`classify_rows`, batches of {batch} by length)",
         "offline_prefix": f"offline `prefix` (`classify_rows`, batches of {batch} by length)",
+        "offline_default": f"offline shipped default model (`classify_rows`, batches of {batch})",
         "probe": f"server, `linear_probe`, {args.concurrency} clients",
         "probe8": f"server, `linear_probe`, {max(1, args.concurrency // 8)} clients x 8 sentences",
         "prefix": f"server, `prefix`, {args.concurrency} clients",
         "ipos_emb": f"server, `instance_position`, feature `embeddings`, {args.concurrency} clients",
         "ipos_bb": f"server, `instance_position`, feature `backbone`, {args.concurrency} clients",
+        "default": f"server, the shipped default model (L = 50), {args.concurrency} clients",
         "unbatched": f"server `--max-batch-size 1`, `prefix`, {args.concurrency} clients",
     }
     if "bare_all" in rates:

@@ -139,7 +139,8 @@ def test_every_input_format_with_the_stored_mapping(
     _check_jsonl(capsys.readouterr().out, expected, [2, 3, 5, 6, 7])
     # CSV output to a file: a header row, then one row per input.
     out = tmp_path / "out" / "pred.csv"
-    assert predict_main([str(review_ckpt), str(jsonl), "--format", "csv", "-o", str(out)]) == 0
+    argv = [str(review_ckpt), str(jsonl), "--output-format", "csv", "-o", str(out)]
+    assert predict_main(argv) == 0
     table = list(csv.DictReader(out.open()))
     assert [r["label"] for r in table] == [e["label"] for e in expected]
     assert set(table[0]) == {"line", "label", "score"}
@@ -230,6 +231,13 @@ def test_old_checkpoints_read_with_their_defaults(
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'{"text": "good fun"}\n')))
     assert predict_main([str(old), "-", "--quiet"]) == 2
     assert "<stdin>: say which format it is in" in capsys.readouterr().err
+    # `--format` names the input's format, as in `train` and `eval`; `--input-format`,
+    # its old name here, still works.
+    for flag in ("--format", "--input-format"):
+        stdin = io.TextIOWrapper(io.BytesIO(b'{"text": "good fun"}\n{"text": "dull"}\n'))
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert predict_main([str(old), "-", flag, "jsonl", "--quiet"]) == 0
+        assert [json.loads(x)["line"] for x in capsys.readouterr().out.splitlines()] == [1, 2]
     data = tmp_path / "in.jsonl"
     data.write_text('{"text": "good fun"}\n{"text": "dull"}\n')
     assert predict_main([str(old), str(data), "--quiet"]) == 0
@@ -248,7 +256,7 @@ def _run_predict(ckpt: Path, stdin: object, extra: list[str]) -> subprocess.Pope
 
 
 def test_answers_come_out_while_stdin_is_still_open(review_ckpt: Path) -> None:
-    proc = _run_predict(review_ckpt, subprocess.PIPE, ["--input-format", "jsonl", "--quiet"])
+    proc = _run_predict(review_ckpt, subprocess.PIPE, ["--format", "jsonl", "--quiet"])
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write((json.dumps({"review": TEXTS[0]}) + "\n").encode())
     proc.stdin.flush()
@@ -268,6 +276,7 @@ def test_answers_come_out_while_stdin_is_still_open(review_ckpt: Path) -> None:
             proc.wait()
     assert proc.returncode == 0, err.decode()
     assert [json.loads(x)["line"] for x in rest.decode().splitlines()] == [2]
+    assert b"Loading weights" not in err, err.decode()
 
 
 _PEAK_RSS = """
@@ -283,7 +292,7 @@ def _peak_rss_kb(ckpt: Path, data: Path) -> int:
     wrapper whose only child it is."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "dynprompt.cli", "predict", str(ckpt), "-"]
-    cmd += ["--input-format", "jsonl", "--quiet", "--batch-size", "256", "--device", "cpu"]
+    cmd += ["--format", "jsonl", "--quiet", "--batch-size", "256", "--device", "cpu"]
     out = subprocess.run(
         [sys.executable, "-c", _PEAK_RSS, str(data), *cmd],
         capture_output=True,
@@ -344,3 +353,42 @@ def test_eval_reads_a_file_with_the_stored_mapping(
     args = ["--text-field", "body", "--label-field", "y", "--output", "json"]
     assert eval_main([str(review_ckpt), "--file", str(other), *args]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 1
+
+
+def test_no_loading_weights_bar_in_user_output(
+    review_ckpt: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Transformers draws a "Loading weights" bar for this very backbone when asked
+    plainly; `dynprompt eval` (through `load_backbone`) shows none, and `load_backbone`
+    leaves transformers' progress bar and verbosity as it found them."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity, progress = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        capsys.readouterr()
+        AutoModel.from_pretrained(tiny_dir)
+        plain = capsys.readouterr()
+        assert "Loading weights" in plain.err, "nothing to hide: the check would prove nothing"
+        for enabled, level in ((True, hf_logging.INFO), (False, hf_logging.WARNING)):
+            (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+            hf_logging.set_verbosity(level)
+            load_backbone(str(tiny_dir))
+            assert hf_logging.is_progress_bar_enabled() is enabled
+            assert hf_logging.get_verbosity() == level
+    finally:
+        (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
+        hf_logging.set_verbosity(verbosity)
+
+    dev = review_ckpt.parents[2] / "reviews_dev.tsv"
+    out = subprocess.run(
+        [sys.executable, "-m", "dynprompt.cli", "eval", str(review_ckpt), "--file", str(dev)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "accuracy" in out.stdout
+    assert "Loading weights" not in out.stdout + out.stderr, out.stdout + out.stderr

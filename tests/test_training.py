@@ -245,7 +245,7 @@ def test_train_fails_before_training_on_bad_input(
         raise AssertionError("training started on bad input")
 
     monkeypatch.setattr(trainer, "train", never)
-    monkeypatch.setattr(trainer, "quiet_load_backbone", never)
+    monkeypatch.setattr(trainer, "load_backbone", never)
     for argv, expected in _bad_input_cases(tmp_path):
         out_dir = tmp_path / "out"
         code = train_main([*argv, "--output-dir", str(out_dir)])
@@ -505,6 +505,79 @@ def test_resume_refuses_other_data_or_settings_before_loading_the_backbone(
     again = read_config(run / "checkpoints" / "toy").training
     assert again.train_examples == 45 and again.data_hash != first_hash  # type: ignore[attr-defined]
     assert "file " in again.data and "train 45, dev 5" in str(again.data)
+
+
+def test_word_score_mean_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--word-score mean` on a tiny GPT-2: the checkpoint's head says so, loads, and
+    scores with it; where it cannot run (an encoder) it is refused in one line."""
+    from dynprompt.models import DynPromptModel, load_backbone
+    from tests.tiny_models import tiny_backbone as build
+
+    folder = tmp_path / "gpt2"
+    gpt2 = build("gpt2")
+    gpt2.model.save_pretrained(folder)
+    gpt2.tokenizer.save_pretrained(folder)
+    words = ["bad movie", "great fun film"]
+    run = tmp_path / "run"
+    argv = [
+        "--train-file", str(sentiment_file(tmp_path / "train.tsv", 32, 0)),
+        "--dev-file", str(sentiment_file(tmp_path / "dev.tsv", 8, 1)),
+        "--text-field", "sentence", "--labels", "negative,positive", "--name", "toy",
+        "--backbone", str(folder), "--label-words", ",".join(words), "--word-score", "mean",
+        "--prompt-length", "3", "--max-length", "16", "--batch-size", "8", "--max-steps", "2",
+        "--eval-every", "2", "--warmup-steps", "0", "--no-plots", "--quiet", "--device", "cpu",
+        "--output-dir", str(run),
+    ]  # fmt: skip
+    assert train_main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    ckpt = run / "checkpoints" / "toy"
+    head = json.loads((ckpt / "dynprompt.json").read_text())["head"]
+    assert (head["type"], head["word_score"], head["label_words"]) == ("verbalizer", "mean", words)
+    backbone = load_backbone(str(folder))
+    model = load_checkpoint(ckpt, backbone)
+    assert model.config.head.word_score == "mean"
+    texts = ["great fun movie", "bad dull plot", "the film"]
+    mean = [r.probs for r in predict(model, texts)]
+    assert all(abs(sum(p) - 1) < 1e-5 for p in mean)
+    # The head's field is what scores: the same weights read by first token differ.
+    first_config = model.config.model_copy(
+        update={"head": model.config.head.model_copy(update={"word_score": "first"})}
+    )
+    first = DynPromptModel(first_config, backbone).eval()
+    first.load_state_dict(model.state_dict())
+    gaps = [
+        abs(a - b)
+        for r, m in zip(predict(first, texts), mean, strict=True)
+        for a, b in zip(r.probs, m, strict=True)
+    ]
+    assert max(gaps) > 1e-4, gaps
+
+    # Resuming with the other scoring is another run: refused, naming the field.
+    other = [a if a != "mean" else "first" for a in argv]
+    assert train_main(other) == 2
+    assert 'word_score ("mean" -> "first")' in capsys.readouterr().err
+    # A run saved before the field existed used first-token scoring: that one continues.
+    state_file = run / "state" / "trainer.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["word_score"]
+    state_file.write_text(json.dumps(state))
+    assert train_main(other) == 0, capsys.readouterr().err
+    assert "changed" not in capsys.readouterr().err
+
+    # An encoder has no next-word probabilities to average.
+    bert = save_tiny_backbone(tmp_path / "bert")
+    capsys.readouterr()  # transformers' bar of the save above
+    argv = [
+        *argv[: argv.index("--backbone")],
+        "--backbone",
+        str(bert),
+        *argv[argv.index("--label-words") :],
+    ]
+    assert train_main([*argv, "--head", "verbalizer", "--no-resume"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("dynprompt train: error: word_score 'mean'") and "decoder-only" in err
 
 
 # --------------------------------------------------------------------------- real data

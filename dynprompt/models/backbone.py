@@ -827,7 +827,12 @@ def load_backbone(
     dtype: torch.dtype = torch.float32,
 ) -> Backbone:
     """Load a frozen backbone offline: `minilm`, `smollm2`, a `.gguf` file, a local folder,
-    or a cached hub name."""
+    or a cached hub name.
+
+    Transformers draws a "Loading weights" progress bar and logs a load report for every
+    model it builds; in `train`, `eval`, `predict`, the server's JSON log and test output
+    they are noise, so both are off while the backbone loads and restored after.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import (
         AutoConfig,
@@ -838,26 +843,30 @@ def load_backbone(
     )
     from transformers.utils import logging as hf_logging
 
-    path = resolve_backbone_path(name_or_path)
+    verbosity = hf_logging.get_verbosity()
+    progress = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        family = detect_family(config)
-        loader = {
-            "encoder": AutoModel,
-            "encoder_decoder": AutoModelForSeq2SeqLM,
-            "decoder": AutoModelForCausalLM,
-        }[family]
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
+        path = resolve_backbone_path(name_or_path)
         try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            family = detect_family(config)
+            loader = {
+                "encoder": AutoModel,
+                "encoder_decoder": AutoModelForSeq2SeqLM,
+                "decoder": AutoModelForCausalLM,
+            }[family]
             model = loader.from_pretrained(path, config=config, local_files_only=True)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-    except (OSError, ValueError) as exc:
-        where = f"{name_or_path!r}" + (f" (resolved to {path})" if path != name_or_path else "")
-        hint = "" if Path(path).exists() else " — not a local folder, and no network is used"
-        raise BackboneError(f"cannot load backbone {where}: {exc}{hint}") from exc
+        except (OSError, ValueError) as exc:
+            where = f"{name_or_path!r}" + (f" (resolved to {path})" if path != name_or_path else "")
+            hint = "" if Path(path).exists() else " — not a local folder, and no network is used"
+            raise BackboneError(f"cannot load backbone {where}: {exc}{hint}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if progress:
+            hf_logging.enable_progress_bar()
     fingerprint = fingerprint_module(model)
     model.eval()
     model.requires_grad_(False)

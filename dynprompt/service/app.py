@@ -1,6 +1,7 @@
 """The HTTP front end: routes of DESIGN §4 over an `Engine`.
 
-Inference routes are plain ASGI handlers (`http.py`) that parse the body, call
+Inference routes (`/v1/classify`; `/predict`, TEI's shape, in `tei.py`) are plain
+ASGI handlers (`http.inference_handler`) that parse the body, call
 `Engine.classify` and map its result onto the response schema; they skip
 FastAPI's per-request machinery (dependency solving, response validation), which
 costs more than everything else a request does here. FastAPI still documents
@@ -22,11 +23,12 @@ from fastapi import Path as PathParam
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import MutableHeaders
 from starlette.types import Message, Receive, Scope, Send
 
 from dynprompt import __version__
-from dynprompt.service import errors, http
+from dynprompt.service import errors, http, tei
 from dynprompt.service.config import Settings
 from dynprompt.service.engine import CoreHandle, Engine
 from dynprompt.service.logs import AccessLog
@@ -129,13 +131,17 @@ def create_app(
             engine.core = core
             yield
 
-    api = FastAPI(
+    # /docs and /redoc take their scripts, styles and icon from the fastapi-offline package
+    # (mounted under /static-offline-docs), never from a CDN: the docs work air-gapped. Swagger
+    # UI's validator badge would fetch an image from validator.swagger.io: it is off.
+    api = FastAPIOffline(
         title="dynprompt",
         version=__version__,
         description="Dynamic-prompt classifiers: each input gets its own prompt length and "
         "position from its model's router; requests from all models share batches.",
         lifespan=lifespan,
         strict_content_type=False,
+        swagger_ui_parameters={"validatorUrl": None},
     )
     errors.install_handlers(api)
     keys = [k.encode() for k in settings.api_keys]
@@ -163,6 +169,23 @@ def create_app(
         responses=errors.responses(400, *maybe_401, 404, 413, 422, 429, 500, 503),
         dependencies=auth,
         summary="Classify inputs with one model",
+    )
+    predict = tei.predict_handler(settings, engine, keys)
+    documented(
+        api,
+        tei.PREDICT_PATH,
+        predict,
+        tei.PredictRequest,
+        tei.PredictResponse,
+        responses=errors.responses(400, *maybe_401, 404, 413, 422, 429, 500, 503),
+        dependencies=auth,
+        openapi_extra={"parameters": tei.MODEL_PARAMETERS},
+        summary="Classify in text-embeddings-inference's shape (TEI clients work unchanged)",
+        description="TEI's sequence-classification route: every label with its score, highest "
+        "first; one list for one input, a list of lists for a batch. With several models "
+        "served, the model query parameter, the x-dynprompt-model header or the body's model "
+        "field names one. raw_scores gives log-probabilities. Errors use dynprompt's error "
+        "body, not TEI's.",
     )
 
     @api.get(
@@ -221,4 +244,4 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(await engine.metrics(), media_type=CONTENT_TYPE_METRICS)
 
-    return Front(api, {CLASSIFY_PATH: classify}, settings)
+    return Front(api, {CLASSIFY_PATH: classify, tei.PREDICT_PATH: predict}, settings)

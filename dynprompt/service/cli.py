@@ -1,393 +1,44 @@
-"""`dynprompt serve`: one process, or HTTP processes in front of an engine process.
+"""`dynprompt serve`: settings first, then the server (`server.py`).
 
-`--workers 1` (the default on a CPU): uvicorn and the engine core share one
-process; the core's threads run the batches. `--workers N`: this process binds the
-port, starts one engine-core process and N HTTP processes that share the port, and
-supervises them (an HTTP process that dies is restarted; if the core dies, the
-server stops with exit 1).
-
-SIGHUP rescans the model repository (as `POST /v1/admin/reload` does). SIGTERM
-(or Ctrl-C) starts a drain: `/ready` and new classify requests answer 503,
-requests already admitted finish (up to `--drain-timeout-s`), then the server exits
-0. A second signal stops at once.
+Parsing imports neither uvicorn, FastAPI nor torch, so `--help` and every mistake in
+the settings answer at once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import gc
 import logging
-import multiprocessing
-import os
-import shutil
-import signal
-import socket
 import sys
-import tempfile
-import time
-from collections.abc import AsyncIterator, Sequence
-from types import FrameType
-from typing import Any
+from collections.abc import Sequence
 
-import uvicorn
-
-from dynprompt.service import errors
-from dynprompt.service.config import Settings, SettingsError, settings_from
-from dynprompt.service.engine import Admission, CoreHandle, Engine
+from dynprompt.service.config import SettingsError, settings_from
 from dynprompt.service.logs import configure_logging
 
 log = logging.getLogger("dynprompt.service")
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn, except that the first SIGTERM/SIGINT drains before shutting down."""
-
-    def __init__(
-        self,
-        config: uvicorn.Config,
-        engine: Engine,
-        drain_timeout_s: float,
-        reload_on_hup: bool = False,
-        ignore_sigint: bool = False,
-    ) -> None:
-        super().__init__(config)
-        self.engine = engine
-        self.drain_timeout_s = drain_timeout_s
-        self.reload_on_hup = reload_on_hup
-        self.ignore_sigint = ignore_sigint
-        self.exit_code = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._draining = False
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        if self.reload_on_hup:
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self._loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        await super().serve(sockets)
-
-    def _on_sighup(self) -> None:
-        log.info("SIGHUP: rescanning the model repository")
-        self._spawn(self._reload())
-
-    async def _reload(self) -> None:
-        try:
-            await self.engine.reload()
-        except errors.ServiceError as exc:
-            log.warning("SIGHUP reload not done: %s", exc.message)
-
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGINT and self.ignore_sigint:
-            return  # the supervisor got it too, and drains every process with SIGTERM
-        if self._draining or self._loop is None:
-            if self._draining:
-                log.warning("second signal: stopping without waiting for in-flight requests")
-                self.force_exit = True
-            self.should_exit = True
-            return
-        self._draining = True
-        self._loop.call_soon_threadsafe(lambda: self._spawn(self._drain(sig)))
-
-    async def _drain(self, sig: int) -> None:
-        name = signal.Signals(sig).name
-        log.info("%s: draining (new requests get 503, in-flight ones finish)", name)
-        finished = await self.engine.drain(self.drain_timeout_s)
-        if finished:
-            log.info("drained: no request in flight; shutting down")
-        else:
-            log.warning("drain timeout (%gs) reached with requests in flight", self.drain_timeout_s)
-        self.should_exit = True
-
-    def fail(self) -> None:
-        """The models cannot be served: exit non-zero."""
-        self.exit_code = 1
-        self.should_exit = True
-
-
-def guarded_protocol(header_timeout_s: float, max_header_bytes: int) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol, plus a deadline for a new connection's first request head
-    and a cap on a request head's size.
-
-    uvicorn times out idle keep-alive connections but not a client that opens a connection
-    and trickles its headers (slow loris); this closes such a connection after
-    `header_timeout_s`. Its httptools parser has no head size limit (h11's has,
-    `h11_max_incomplete_event_size`): a head still incomplete after `max_header_bytes`
-    gets 431 and the connection is closed.
-    """
-    base: type[Any]
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
-    except ImportError:  # pragma: no cover - httptools is a dependency
-        from uvicorn.protocols.http.h11_impl import H11Protocol as base
-    counts_head = hasattr(base, "on_headers_complete")
-
-    class GuardedProtocol(base):
-        _head_open = False
-        _head_bytes = 0
-
-        def connection_made(self, transport: asyncio.Transport) -> None:
-            super().connection_made(transport)
-            self._head_deadline = self.loop.call_later(header_timeout_s, self._head_timeout)
-
-        def _head_timeout(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():
-                log.info("closing a connection that sent no complete request head in time")
-                self.transport.close()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._head_deadline.cancel()
-            super().connection_lost(exc)
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._head_open, self._head_bytes = True, 0
-
-        def on_headers_complete(self) -> None:
-            self._head_open = False
-            super().on_headers_complete()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if counts_head and self._head_open and not self.transport.is_closing():
-                self._head_bytes += len(data)
-                if self._head_bytes > max_header_bytes:
-                    self.transport.write(
-                        b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                        b"content-length: 0\r\nconnection: close\r\n\r\n"
-                    )
-                    self.transport.close()
-
-    return GuardedProtocol
-
-
-def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="auto",  # uvloop where installed
-        log_config=None,
-        access_log=False,
-        ws="none",
-        lifespan="on",
-        timeout_graceful_shutdown=10,
-        server_header=False,
-        date_header=False,
-        proxy_headers=False,  # nothing here reads the client's address
-        http=guarded_protocol(settings.header_timeout_s, settings.max_header_bytes),
-        timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-    )
-
-
-def settle_heap() -> None:
-    """Take everything loaded so far out of the garbage collector's sight.
-
-    torch, transformers and the models leave millions of long-lived objects; without this,
-    the collector re-walks them while requests allocate, which measured about an eighth
-    of the event loop's CPU. Requests' own garbage is still collected (a larger young
-    generation makes that less frequent too).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-
-
-def _prepare_torch(settings: Settings) -> None:
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    torch.set_num_threads(settings.threads or len(os.sched_getaffinity(0)))
-    hf_logging.disable_progress_bar()  # the weight-loading bar is not a log line
-
-
-# --------------------------------------------------------------------------- one process
-
-
-def serve_single(settings: Settings) -> int:
-    """HTTP and the engine core in this process."""
-    from dynprompt.service.app import create_app
-    from dynprompt.service.core import EngineCore, backbone_loader
-    from dynprompt.service.transport import LocalCore
-
-    _prepare_torch(settings)
-    admission = Admission(settings.max_queue_requests)
-    engine = Engine(settings, admission)
-    servers: list[DrainingServer] = []  # made below; the loader's failure stops it
-
-    @contextlib.asynccontextmanager
-    async def connect() -> AsyncIterator[CoreHandle]:
-        core = EngineCore(settings, backbone_loader(settings), admission.value)
-        handle = LocalCore(core, asyncio.get_running_loop())
-
-        def loaded(task: asyncio.Future[None]) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                hint = (
-                    ""
-                    if settings.model_repository is not None
-                    else " (the shipped default model; serve another with --model-repository DIR)"
-                )
-                log.error(
-                    "cannot serve the model repository %s%s: %s",
-                    settings.repository, hint, task.exception(),
-                )  # fmt: skip
-                servers[0].fail()
-
-        loading = asyncio.ensure_future(asyncio.to_thread(core.load, settings.repository))
-        loading.add_done_callback(loaded)
-        loading.add_done_callback(lambda _: settle_heap())
-        try:
-            yield handle
-        finally:
-            await handle.close()
-
-    server = DrainingServer(
-        uvicorn_config(settings, create_app(settings, engine, connect)),
-        engine,
-        settings.drain_timeout_s,
-        reload_on_hup=True,
-    )
-    servers.append(server)
-    server.run()
-    return server.exit_code
-
-
-# --------------------------------------------------------------------------- several
-
-
-def _core_process(settings: Settings, address: str, shared: Any) -> None:
-    configure_logging(settings.log_level, settings.log_format)
-    from dynprompt.service.core import EngineCore, backbone_loader
-    from dynprompt.service.transport import serve_core
-
-    _prepare_torch(settings)
-    core = EngineCore(settings, backbone_loader(settings), lambda: float(shared.value))
-
-    def load() -> None:
-        core.load(settings.repository)
-        settle_heap()
-
-    sys.exit(serve_core(core, address, load))
-
-
-def _front_process(settings: Settings, sock: socket.socket, address: str, shared: Any) -> None:
-    configure_logging(settings.log_level, settings.log_format)
-    from dynprompt.service.app import create_app
-    from dynprompt.service.transport import RemoteCore
-
-    engine = Engine(settings, Admission(settings.max_queue_requests, shared))
-
-    @contextlib.asynccontextmanager
-    async def connect() -> AsyncIterator[CoreHandle]:
-        handle = RemoteCore(address)
-        settle_heap()
-        try:
-            yield handle
-        finally:
-            await handle.close()
-
-    server = DrainingServer(
-        uvicorn_config(settings, create_app(settings, engine, connect)),
-        engine,
-        settings.drain_timeout_s,
-        ignore_sigint=True,
-    )
-    server.run(sockets=[sock])
-    sys.exit(server.exit_code)
-
-
-def supervise(settings: Settings, workers: int) -> int:
-    """Bind, start the core and `workers` HTTP processes, and watch them until a signal."""
-    spawn = multiprocessing.get_context("spawn")
-    sock = uvicorn_config(settings, None).bind_socket()
-    folder = tempfile.mkdtemp(prefix="dynprompt-")  # 0700: only this user reaches the core
-    address = f"ipc://{folder}/core"
-    shared = spawn.Value("i", 0)
-    core = spawn.Process(
-        target=_core_process, args=(settings, address, shared), name="dynprompt-core"
-    )
-    core.start()
-
-    def front() -> multiprocessing.process.BaseProcess:
-        process = spawn.Process(
-            target=_front_process, args=(settings, sock, address, shared), name="dynprompt-http"
-        )
-        process.start()
-        return process
-
-    fronts = [front() for _ in range(workers)]
-    log.info(
-        "serving on %s:%d with %d HTTP processes (pids %s) and engine process %d",
-        settings.host, sock.getsockname()[1], workers,
-        ", ".join(str(p.pid) for p in fronts), core.pid,
-    )  # fmt: skip
-    stopping: list[int] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if stopping:
-            log.warning("second signal: stopping without waiting for in-flight requests")
-            for process in [*fronts, core]:
-                if process.is_alive() and process.pid is not None:
-                    os.kill(process.pid, signal.SIGKILL)
-            return
-        stopping.append(signum)
-        log.info("%s: draining every HTTP process", signal.Signals(signum).name)
-        for process in fronts:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
-
-    def on_hup(signum: int, frame: FrameType | None) -> None:
-        log.info("SIGHUP: rescanning the model repository")
-        if core.is_alive() and core.pid is not None:
-            os.kill(core.pid, signal.SIGHUP)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_hup)
-    code = 0
-    try:
-        while True:
-            time.sleep(0.1)
-            if not core.is_alive() and not stopping:
-                log.error("the engine process exited with %s; stopping", core.exitcode)
-                code = 1
-                for process in fronts:
-                    process.terminate()
-                break
-            if stopping:
-                if not any(p.is_alive() for p in fronts):
-                    break
-                continue
-            for i, process in enumerate(fronts):
-                if not process.is_alive():
-                    log.error("HTTP process %s exited with %s; restarting", process.pid,
-                              process.exitcode)  # fmt: skip
-                    fronts[i] = front()
-    finally:
-        for process in fronts:
-            process.join(30)
-        if core.is_alive() and core.pid is not None:
-            os.kill(core.pid, signal.SIGTERM)
-        core.join(30)
-        sock.close()
-        shutil.rmtree(folder, ignore_errors=True)
-    return code
-
-
 def serve_main(argv: Sequence[str] | None = None) -> int:
+    """Settings first, so that any mistake in them (an unknown `DYNPROMPT_*` variable, keys
+    missing on a reachable host, a missing repository) is one line on stderr and exit 2,
+    before a model loads or the port is bound."""
+    from dynprompt.service.config import is_loopback
+
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        settings = settings_from(sys.argv[1:] if argv is None else argv)
+        settings = settings_from(args)
     except SettingsError as exc:
         print(f"dynprompt serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if any(a == "--api-key" or a.startswith("--api-key=") for a in args):
+        log.warning(
+            "API keys given with --api-key show in `ps` to every user of this machine; "
+            "pass them in DYNPROMPT_API_KEY or a file (--api-key-file)"
+        )
+    if not settings.api_keys and not is_loopback(settings.host):
+        log.warning(
+            "no API key (--allow-unauthenticated): anyone who reaches %s:%d may classify "
+            "and reload models", settings.host, settings.port,
+        )  # fmt: skip
     workers = settings.resolved_workers()
     log.info(
         "starting dynprompt serve: repository %s, device %s, dtype %s, backend %s, "
@@ -395,6 +46,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         settings.repository, settings.resolved_device(), settings.dtype, settings.backend, workers,
         extra={"fields": {"settings": settings.public_dict()}},
     )  # fmt: skip
+    from dynprompt.service.server import serve_single, supervise
+
     if workers == 1:
         return serve_single(settings)
     return supervise(settings, workers)

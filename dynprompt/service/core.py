@@ -26,13 +26,14 @@ from dynprompt.service.metrics import ServiceMetrics
 from dynprompt.service.protocol import Answer, CoreError, Record, Submission
 from dynprompt.service.registry import (
     BackboneLoader,
+    ModelEntry,
     Registry,
     ReloadReport,
     RepositoryError,
     nothing_served,
 )
 from dynprompt.service.scheduler import BatchLimits
-from dynprompt.service.worker import Job, ReplyTarget
+from dynprompt.service.worker import BackboneWorker, Job, ReplyTarget
 
 log = logging.getLogger("dynprompt.service")
 
@@ -63,7 +64,7 @@ def backbone_loader(settings: Settings) -> BackboneLoader:
 class _Target:
     """A front end's reply target, forgetting each job once it is answered."""
 
-    def __init__(self, target: ReplyTarget, jobs: dict[tuple[int, int], Job]) -> None:
+    def __init__(self, target: ReplyTarget, jobs: dict[tuple[int, int], Any]) -> None:
         self.target = target
         self.jobs = jobs
 
@@ -105,7 +106,7 @@ class EngineCore:
         self.failure: str | None = None
         self.root: Path | None = None  # the configured repository: every rescan reads it
         self.fallback = False  # serving the shipped default model while `root` is empty
-        self._jobs: dict[tuple[int, int], Job] = {}
+        self._jobs: dict[tuple[int, int], tuple[Job, BackboneWorker]] = {}
         self._targets: dict[int, _Target] = {}
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
@@ -248,17 +249,20 @@ class EngineCore:
         wrapper = self._targets.get(id(target))
         if wrapper is None:
             wrapper = self._targets[id(target)] = _Target(target, self._jobs)
-        refusal = self._refusal(sub)
-        if refusal is not None:
-            wrapper.deliver([refusal])
+        entry = self._admit(sub)
+        if isinstance(entry, Answer):
+            wrapper.deliver([entry])
             return
-        entry = self.registry.get(sub.model, sub.version)
-        assert entry is not None
         job = Job(sub, entry, wrapper)
-        self._jobs[(id(wrapper), sub.ticket)] = job
+        self._jobs[(id(wrapper), sub.ticket)] = (job, entry.worker)
         entry.worker.submit(job)
 
-    def _refusal(self, sub: Submission) -> Answer | None:
+    def _admit(self, sub: Submission) -> ModelEntry | Answer:
+        """The served model entry this submission runs on, or the answer refusing it.
+
+        A submission without a model name runs on the only served model; with several
+        served, which one is meant cannot be guessed, so it is refused (422).
+        """
         if self.state != READY:
             message = (
                 "models are still loading"
@@ -266,11 +270,21 @@ class EngineCore:
                 else "the server failed to load its models"
             )
             return Answer(sub.ticket, None, [], [], protocol.NOT_READY, message)
-        entry = self.registry.get(sub.model, sub.version)
+        served = self.registry.current
+        name = sub.model
+        if name is None:
+            names = served.names
+            if len(names) != 1:
+                listed = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+                message = f"model is required: {len(names)} models are served" + (
+                    f" ({listed})" if names else ""
+                )
+                return Answer(sub.ticket, None, [], [], protocol.INVALID, message)
+            name = names[0]
+        entry = served.get(name, sub.version)
         if entry is None:
-            served = self.registry.current
-            shown = sub.model if len(sub.model) <= 80 else sub.model[:77] + "..."
-            versions = list(served.versions.get(sub.model, {}))
+            shown = name if len(name) <= 80 else name[:77] + "..."
+            versions = list(served.versions.get(name, {}))
             if versions:
                 listed = ", ".join(str(v) for v in versions[-20:])
                 message = f"model {shown!r} has no version {sub.version}; served versions: {listed}"
@@ -289,14 +303,15 @@ class EngineCore:
             if limit is not None and longest > limit:
                 message = f"inputs.{i}: {longest} characters; at most {limit} per text"
                 return Answer(sub.ticket, entry.name, entry.labels, [], protocol.TOO_LARGE, message)
-        return None
+        return entry
 
     def cancel(self, target: ReplyTarget, ticket: int) -> None:
         """The client went away: drop the job's rows that have not started."""
         wrapper = self._targets.get(id(target))
-        job = self._jobs.pop((id(wrapper), ticket), None) if wrapper is not None else None
-        if job is not None:
-            job.entry.worker.cancel(job)
+        found = self._jobs.pop((id(wrapper), ticket), None) if wrapper is not None else None
+        if found is not None:
+            job, worker = found
+            worker.cancel(job)
 
     def record(self, records: list[Record]) -> None:
         served = self.registry.current.models

@@ -88,10 +88,11 @@ class Admission:
 
 @dataclass(frozen=True)
 class ClassifyCall:
-    model: str
+    model: str | None  # None: the only served model
     inputs: list[tuple[str, str | None]]
     truncate: bool = True
     version: int | None = None
+    truncation_side: str | None = None  # None: the model's own
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ class Engine:
                 now,
                 now + self.settings.queue_timeout_s,
                 call.version,
+                call.truncation_side,
             )
             answer = await self._wait(self.core.submit(sub), ticket, client_gone)
         obs.model, obs.queue_s, obs.compute_s = answer.model, answer.queue_s, answer.compute_s

@@ -1,9 +1,11 @@
-"""The inference route's handler and the small HTTP pieces every route shares.
+"""The inference routes' handler and the small HTTP pieces every route shares.
 
-`classify_handler` is the whole life of a classify request in the HTTP layer:
+`inference_handler` is the whole life of an inference request in the HTTP layer:
 read the body (payload limit), parse it (400/413/422), call `Engine.classify`,
-map the result onto `ClassifyResponse` (or the error onto the one error body),
-send it. The engine records it (`Engine.observe`), whatever the outcome.
+render the result (or the error as the one error body), send it. The engine
+records it (`Engine.observe`), whatever the outcome. A route supplies only its
+`InferenceRoute`: `classify_handler` here (`POST /v1/classify`), `tei.predict_handler`
+(`POST /predict`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
@@ -23,6 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from dynprompt.service import errors
 from dynprompt.service.config import Settings
+from dynprompt.service.connections import ABORTED
 from dynprompt.service.engine import ClassifyCall, ClassifyResult, Engine
 from dynprompt.service.schemas import (
     ClassifyRequest,
@@ -36,6 +40,7 @@ from dynprompt.service.schemas import (
 log = logging.getLogger("dynprompt.service")
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+R = TypeVar("R")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -44,6 +49,8 @@ _ID_PREFIX = os.urandom(6).hex()
 _ID_COUNTER = itertools.count(1)
 # Bodies larger than this are parsed off the event loop.
 PARSE_INLINE_BYTES = 64 * 1024
+# An over-limit body is read (and dropped) up to this size before the 413 is sent.
+DRAIN_BYTES = 8 * 1024 * 1024
 _JSON = [(b"content-type", b"application/json")]
 _RESPONSE = TypeAdapter(ClassifyResponse)
 
@@ -84,7 +91,13 @@ def authorize(scope: Scope, keys: list[bytes]) -> None:
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole body (b"" for none); 413 when it is over `limit` bytes."""
+    """The whole body (b"" for none); 413 when it is over `limit` bytes.
+
+    An over-limit body is read to its end (up to `DRAIN_BYTES`) before the 413 goes out:
+    a server that answers and closes while the client is still sending makes the client
+    see a connection reset instead of the answer. A body that never completes ends in
+    the status the connection's guard gave it (408 too slow, 503 shutting down), or 499.
+    """
     if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
         return b""
     too_large = errors.ServiceError(
@@ -92,20 +105,45 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     )
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        if int(declared) <= DRAIN_BYTES:
+            await _drain(scope, receive, DRAIN_BYTES)
         raise too_large
     chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            raise _gone(scope)
         chunk = message.get("body", b"")
         size += len(chunk)
+        more = message.get("more_body", False)
         if size > limit:
+            if more:
+                await _drain(scope, receive, DRAIN_BYTES - size)
             raise too_large
         chunks.append(chunk)
-        if not message.get("more_body", False):
+        if not more:
             break
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _drain(scope: Scope, receive: Receive, budget: int) -> None:
+    """Read and drop the rest of a body, up to `budget` bytes."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _gone(scope)
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+def _gone(scope: Scope) -> errors.ServiceError:
+    """Why the body stopped: the connection guard's reason, or the client left."""
+    aborted = scope.get(ABORTED)
+    if aborted is not None:
+        status, type_, message = aborted
+        return errors.ServiceError(status, type_, message)
+    return errors.ServiceError(499, "client_closed_request", "the client went away")
 
 
 def replay(body: bytes, receive: Receive) -> Receive:
@@ -144,36 +182,63 @@ async def respond(
     await send({"type": "http.response.body", "body": payload})
 
 
-def parse_classify(body: bytes, max_inputs: int) -> tuple[ClassifyRequest | None, str | None, Any]:
+Parsed = tuple[R | None, str | None, errors.ServiceError | None]
+
+
+def load_json(body: bytes) -> Any:
+    """The body as JSON; a `ServiceError` (400) when it is not JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return errors.bad_request(f"request body is not valid JSON ({exc})")
+
+
+def model_hint(name: Any) -> str | None:
+    """A model name fit to label metrics before the request is validated, else None."""
+    return name if isinstance(name, str) and _MODEL_NAME.match(name) else None
+
+
+def too_many_inputs(count: int, max_inputs: int) -> errors.ServiceError:
+    message = f"{count} inputs; at most {max_inputs} per request"
+    return errors.ServiceError(413, "too_many_inputs", message)
+
+
+def invalid(exc: ValidationError) -> errors.ServiceError:
+    status, type_, message = errors.validation_message(exc.errors())
+    return errors.ServiceError(status, type_, message)
+
+
+def parse_classify(body: bytes, max_inputs: int) -> Parsed[ClassifyRequest]:
     """(request, model name hint, error): the body checked raw, then validated.
 
     The input count is checked on the raw JSON, before any validation, so a body of a
     quarter of a million one-character inputs is refused in one comparison.
     """
-    try:
-        raw = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return None, None, errors.bad_request(f"request body is not valid JSON ({exc})")
+    raw = load_json(body)
+    if isinstance(raw, errors.ServiceError):
+        return None, None, raw
     hint = None
     if isinstance(raw, dict):
-        name = raw.get("model")
-        hint = name if isinstance(name, str) and _MODEL_NAME.match(name) else None
+        hint = model_hint(raw.get("model"))
         inputs = raw.get("inputs")
         if isinstance(inputs, list) and len(inputs) > max_inputs:
-            message = f"{len(inputs)} inputs; at most {max_inputs} per request"
-            return None, hint, errors.ServiceError(413, "too_many_inputs", message)
+            return None, hint, too_many_inputs(len(inputs), max_inputs)
     try:
         return ClassifyRequest.model_validate(raw), hint, None
     except ValidationError as exc:
-        status, type_, message = errors.validation_message(exc.errors())
-        return None, hint, errors.ServiceError(status, type_, message)
+        return None, hint, invalid(exc)
 
 
 def to_call(request: ClassifyRequest) -> ClassifyCall:
-    inputs: list[tuple[str, str | None]] = [
-        (given.text, given.text_pair) if isinstance(given, PairInput) else (given, None)
-        for given in request.inputs
-    ]
+    given = request.inputs
+    inputs: list[tuple[str, str | None]] = (
+        [(given, None)]
+        if isinstance(given, str)
+        else [
+            (item.text, item.text_pair) if isinstance(item, PairInput) else (item, None)
+            for item in given
+        ]
+    )
     return ClassifyCall(request.model, inputs, request.truncate, request.version)
 
 
@@ -212,10 +277,29 @@ async def wait_disconnect(receive: Receive) -> None:
         pass
 
 
-def classify_handler(settings: Settings, engine: Engine, keys: list[bytes]) -> Handler:
-    limit, max_inputs = settings.payload_limit_bytes, settings.max_client_batch_size
+def render_classify(request: ClassifyRequest, result: ClassifyResult) -> bytes:
+    return _RESPONSE.dump_json(to_response(request, result), exclude_none=True)
 
-    async def classify(scope: Scope, receive: Receive, send: Send) -> None:
+
+@dataclass(frozen=True, slots=True)
+class InferenceRoute(Generic[R]):
+    """What sets one inference route apart: how its body becomes a call, and the result
+    its answer. Everything else (ids, auth, payload limit, engine, errors) is shared."""
+
+    parse: Callable[[bytes, Scope], Parsed[R]]  # runs off the event loop for large bodies
+    call: Callable[[R], ClassifyCall]
+    render: Callable[[R, ClassifyResult], bytes]
+
+
+def inference_handler(
+    settings: Settings, engine: Engine, keys: list[bytes], route: InferenceRoute[R]
+) -> Handler:
+    """A plain ASGI handler running `route` through `Engine.classify`; the engine records
+    every request (`Engine.observe`), whatever the outcome."""
+    limit = settings.payload_limit_bytes
+    parse, call, render = route.parse, route.call, route.render
+
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         request_id = request_id_of(scope)
         with engine.observe(request_id, "POST", scope["path"]) as obs:
             headers = None
@@ -223,18 +307,15 @@ def classify_handler(settings: Settings, engine: Engine, keys: list[bytes]) -> H
                 authorize(scope, keys)
                 body = await read_body(scope, receive, limit)
                 if len(body) <= PARSE_INLINE_BYTES:
-                    request, obs.model, error = parse_classify(body, max_inputs)
+                    request, obs.model, error = parse(body, scope)
                 else:
-                    parsed = await asyncio.to_thread(parse_classify, body, max_inputs)
-                    request, obs.model, error = parsed
+                    request, obs.model, error = await asyncio.to_thread(parse, body, scope)
                 if error is not None:
                     raise error
                 assert request is not None
-                result = await engine.classify(
-                    to_call(request), obs, lambda: wait_disconnect(receive)
-                )
+                result = await engine.classify(call(request), obs, lambda: wait_disconnect(receive))
                 status = 200
-                payload = _RESPONSE.dump_json(to_response(request, result), exclude_none=True)
+                payload = render(request, result)
             except errors.ServiceError as exc:
                 status, payload, headers = exc.status, error_json(exc), exc.headers
             except Exception:
@@ -245,4 +326,15 @@ def classify_handler(settings: Settings, engine: Engine, keys: list[bytes]) -> H
             if status != 499:
                 await respond(send, status, payload, request_id, headers)
 
-    return classify
+    return handle
+
+
+def classify_handler(settings: Settings, engine: Engine, keys: list[bytes]) -> Handler:
+    max_inputs = settings.max_client_batch_size
+
+    def parse(body: bytes, scope: Scope) -> Parsed[ClassifyRequest]:
+        return parse_classify(body, max_inputs)
+
+    return inference_handler(
+        settings, engine, keys, InferenceRoute(parse, to_call, render_classify)
+    )

@@ -37,12 +37,14 @@ class Submission(NamedTuple):
 
     ticket: int  # unique within its front end; answers and cancels name it
     request_id: str  # for logs only (clients choose it, so it need not be unique)
-    model: str
+    model: str | None  # None: the only served model (refused when several are served)
     inputs: list[tuple[str, str | None]]
     truncate: bool
     admitted: float  # time.monotonic() at admission (one clock for every process)
     deadline: float  # monotonic time after which a request not yet computing gets 503
     version: int | None = None  # a pinned model version; None: the newest
+    # "right" or "left"; None: the model's own. A side other than the model's is refused.
+    truncation_side: str | None = None
 
 
 class RowAnswer(NamedTuple):

@@ -16,12 +16,8 @@ ones it no longer uses finish their queued work, stop their threads and are free
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import datetime as dt
-import functools
-import gc
 import logging
 import threading
 import time
@@ -40,6 +36,7 @@ from dynprompt.models.config import DynPromptConfig
 from dynprompt.models.inference import classify_rows
 from dynprompt.models.model import DynPromptModel
 from dynprompt.service import repository
+from dynprompt.service.memory import release_memory
 from dynprompt.service.metrics import ServiceMetrics
 from dynprompt.service.repository import Candidate, Files, RepositoryError, find_checkpoints
 from dynprompt.service.scheduler import BatchLimits
@@ -242,7 +239,11 @@ class Registry:
         with self._lock:
             if key not in self._backbones:
                 start = time.perf_counter()
-                self._backbones[key] = self._loader(name_or_path, self.device, self.dtype)
+                backbone = self._loader(name_or_path, self.device, self.dtype)
+                if backbone.device.type == "cuda":
+                    # Batches padded to shape buckets, each replayed from a CUDA graph.
+                    backbone.use_buckets(self.limits.max_batch_size, capture=True)
+                self._backbones[key] = backbone
                 log.info(
                     "loaded backbone %s on %s (%s) in %.1fs",
                     name_or_path, self.device, str(self.dtype).removeprefix("torch."),
@@ -550,25 +551,3 @@ def nothing_served(root: Path, report: ReloadReport) -> str:
         return f"{root}: no checkpoints (folders with {CONFIG_FILE}) found in the model repository"
     reasons = "; ".join(f"{path}: {reason}" for path, reason in sorted(report.refused.items()))
     return f"{root}: no checkpoint could be loaded ({len(report.refused)} refused: {reasons})"
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-    return trim
-
-
-def release_memory(device: str) -> None:
-    """Give freed memory back: Python's cycles, the CUDA cache, and glibc's free pages
-    (without `malloc_trim` the resident size keeps what fragmentation leaves behind)."""
-    gc.collect()
-    if device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)

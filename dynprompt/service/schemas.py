@@ -32,13 +32,17 @@ class PairInput(BaseModel):
     text_pair: Text | None = None
 
 
-# Tags that pick one branch of the input union, so errors come from that branch alone;
+# Tags that pick one branch of an input union, so errors come from that branch alone;
 # they appear in error locations, and `errors.validation_message` leaves them out.
-INPUT_TAGS = ("single", "pair")
+INPUT_TAGS = ("single", "pair", "batch")
 
 
 def _input_kind(value: Any) -> str:
     return "pair" if isinstance(value, dict | PairInput) else "single"
+
+
+def _inputs_kind(value: Any) -> str:
+    return "single" if isinstance(value, str) else "batch"
 
 
 Input = Annotated[
@@ -56,7 +60,11 @@ class ClassifyRequest(BaseModel):
             ]
         },
     )
-    model: ModelName = Field(description="name of a loaded model (see GET /v1/models)")
+    model: ModelName | None = Field(
+        None,
+        description="name of a loaded model (see GET /v1/models); may be left out when the "
+        "server serves exactly one model",
+    )
     version: int | None = Field(
         None,
         ge=1,
@@ -64,10 +72,13 @@ class ClassifyRequest(BaseModel):
         description="pin one version of the model (a numbered folder in the repository); "
         "by default the newest",
     )
-    inputs: list[Input] = Field(
-        min_length=1,
+    inputs: Annotated[
+        Annotated[Text, Tag("single")] | Annotated[list[Input], Field(min_length=1), Tag("batch")],
+        Discriminator(_inputs_kind),
+    ] = Field(
         description="texts, or {text, text_pair} objects for pair models; at most the "
-        "server's max_client_batch_size",
+        "server's max_client_batch_size. One text may be sent as a plain string: it is "
+        "answered as a list of one",
     )
     truncate: bool = Field(
         True, strict=True, description="trim inputs over the model's max_length (false: 422)"

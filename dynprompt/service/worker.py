@@ -24,18 +24,35 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from dynprompt.models.backbone import Backbone, Encoded, TokenizedRow
-from dynprompt.models.inference import RowResult, classify_rows
+from dynprompt.models.config import DynPromptConfig
+from dynprompt.models.inference import RowResult, batch_order, classify_rows
+from dynprompt.models.model import DynPromptModel
 from dynprompt.service import protocol
+from dynprompt.service.memory import Trimmer
 from dynprompt.service.protocol import Answer, RowAnswer, Submission
 from dynprompt.service.scheduler import BatchLimits, Scheduler
 
-if TYPE_CHECKING:
-    from dynprompt.service.registry import ModelEntry
+
+class Served(Protocol):
+    """What a worker needs of a served model (`registry.ModelEntry` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def model(self) -> DynPromptModel: ...
+
+    @property
+    def config(self) -> DynPromptConfig: ...
+
+    @property
+    def labels(self) -> list[str]: ...
+
 
 log = logging.getLogger("dynprompt.service.worker")
 
@@ -59,7 +76,7 @@ class Job:
     """One submission inside the core, from intake to answer."""
 
     sub: Submission
-    entry: ModelEntry
+    entry: Served
     target: ReplyTarget
     state: str = QUEUED  # guarded by the worker's lock
     rows: list[TokenizedRow] = field(default_factory=list)
@@ -116,6 +133,7 @@ class BackboneWorker:
         self._stopping = False
         self._prepared_all = False  # stopping, and the prepare thread has handed over its last
         self._clean_batches = 0
+        self._trimmer = Trimmer()
         self._cuda = backbone.device.type == "cuda"
         self._threads = [
             threading.Thread(
@@ -260,7 +278,8 @@ class BackboneWorker:
         groups: dict[tuple[int, str], list[Job]] = defaultdict(list)
         for job in live:
             spec = job.entry.config.input
-            groups[(spec.max_length, spec.truncation_side)].append(job)
+            side = job.sub.truncation_side or spec.truncation_side  # a request may choose
+            groups[(spec.max_length, side)].append(job)
         for (max_length, side), members in groups.items():
             texts = [text for job in members for text, _ in job.sub.inputs]
             pairs = [pair for job in members for _, pair in job.sub.inputs]
@@ -321,6 +340,10 @@ class BackboneWorker:
         batch = [row for row in batch if row.job.state == RUNNING]
         if not batch:
             return
+        # Each model's rows in one run, in the pipeline's order: its groups are then
+        # slices of the batch, not gathers.
+        order = batch_order([row.job.entry.model for row in batch])
+        batch = [batch[i] for i in order]
         encoded = self._collate(batch)
         with self._cond:
             self._slot = (batch, encoded)
@@ -358,6 +381,7 @@ class BackboneWorker:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+            self._trimmer.maybe()
 
     def _execute(self, batch: list[Row], encoded: Encoded) -> None:
         start = time.perf_counter()

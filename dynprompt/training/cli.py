@@ -206,11 +206,10 @@ def eval_main(argv: list[str]) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dynprompt.models.backbone import BackboneError
+    from dynprompt.models.backbone import BackboneError, load_backbone
     from dynprompt.models.checkpoint import CheckpointError, load_checkpoint, read_config
     from dynprompt.training.data import Layout, load_preset, read_labelled
     from dynprompt.training.prepare import subsample, tokenize
-    from dynprompt.training.runtime import quiet_load_backbone
 
     try:
         ckpt_config = read_config(args.checkpoint)
@@ -229,7 +228,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             layout = file_layout(args, Layout.from_input_spec(ckpt_config.input))
             data = read_labelled(args.file, layout, labels, args.format, min_classes=1)
         data = subsample(data, args.limit, 0, "evaluation subset")
-        backbone = quiet_load_backbone(
+        backbone = load_backbone(
             args.backbone or ckpt_config.backbone.name_or_path, device=args.device
         )
         model = load_checkpoint(args.checkpoint, backbone)

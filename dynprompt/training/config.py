@@ -177,6 +177,12 @@ class TrainConfig(_Strict):
     label_words: list[str] | None = Field(
         default=None, description="verbalizer label words, one per label (default: the label names)"
     )
+    word_score: Literal["first", "mean"] = Field(
+        default="first",
+        description="how the verbalizer scores a label word of several tokens: 'first' (the "
+        "logit of its first token) or 'mean' (mean log-probability of all its tokens; "
+        "decoder-only backbones)",
+    )
     max_length: int = Field(
         default=128, ge=4, description="max tokens of the input (specials included)"
     )

@@ -51,7 +51,8 @@ def predict_parser() -> argparse.ArgumentParser:
             "Classify an unlabelled TSV, CSV or JSONL file (or stdin: -) with a checkpoint, "
             "offline. The file is read with the checkpoint's stored column mapping (the "
             "fields it was trained on); the flags below override it. Writes one result per "
-            "input row, in input order: JSONL (default) or CSV, to stdout or --output."
+            "input row, in input order: JSONL (default) or CSV (--output-format), to stdout "
+            "or --output."
         ),
     )
     parser.add_argument("checkpoint", help="checkpoint folder (dynprompt.json + weights)")
@@ -59,8 +60,7 @@ def predict_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", metavar="PATH", help="write here (default: stdout)")
     out.add_argument(
-        "--format",
-        dest="output_format",
+        "--output-format",
         choices=["jsonl", "csv"],
         default="jsonl",
         help="output format [default: jsonl]",
@@ -73,10 +73,15 @@ def predict_parser() -> argparse.ArgumentParser:
         "pool_weights (pooled prompts)",
     )
     data = parser.add_argument_group("input layout (default: the checkpoint's)")
+    # `--format` is the input's format, as in `train` and `eval`; `--input-format` was
+    # its name here once and still works, out of the help.
     data.add_argument(
-        "--input-format",
+        "--format",
         choices=["tsv", "csv", "jsonl"],
         help="input format (default: the file's suffix, else the checkpoint's)",
+    )
+    data.add_argument(
+        "--input-format", dest="format", choices=["tsv", "csv", "jsonl"], help=argparse.SUPPRESS
     )
     add_layout_args(data, labels=False)
     run = parser.add_argument_group("compute")
@@ -290,10 +295,9 @@ def predict_main(argv: list[str]) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from dynprompt.models.backbone import BackboneError
+    from dynprompt.models.backbone import BackboneError, load_backbone
     from dynprompt.models.checkpoint import CheckpointError, load_checkpoint, read_config
     from dynprompt.training.cli import file_layout
-    from dynprompt.training.runtime import quiet_load_backbone
 
     try:
         config = read_config(args.checkpoint)
@@ -307,12 +311,12 @@ def _predict(args: argparse.Namespace) -> int:
         )
     source = "-" if args.input == "-" else Path(args.input)
     try:
-        rows = read_inputs(source, layout, args.input_format)
+        rows = read_inputs(source, layout, args.format)
         first = next(rows, None)  # a missing file or a bad header fails before any loading
     except DataError as exc:
         return _error(str(exc))
     try:
-        backbone = quiet_load_backbone(
+        backbone = load_backbone(
             args.backbone or config.backbone.name_or_path, _resolve_device(args.device)
         )
         model = load_checkpoint(args.checkpoint, backbone)

@@ -88,8 +88,10 @@ def differences(saved: dict[str, Any], config: TrainConfig, splits: list[TaskSpl
                     f"the data of task {name!r} ({sizes} examples; sha256 "
                     f"{str(old.get('hash'))[:12]} -> {new['hash'][:12]})"
                 )
-    old_settings = saved.get("config", {})
     new_settings = settings_key(config)
+    # A setting added since the run was saved: that run used what is now its default.
+    defaults = {k: f.get_default() for k, f in TrainConfig.model_fields.items()}
+    old_settings = {k: defaults[k] for k in new_settings} | saved.get("config", {})
     for key in sorted(set(old_settings) | set(new_settings)):
         if old_settings.get(key) != new_settings.get(key):
             problems.append(

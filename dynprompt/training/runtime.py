@@ -1,20 +1,13 @@
-"""Where work runs: device identity and loading a backbone without library noise.
+"""Where work runs: device identity.
 
 `torch.device("cuda")` and `torch.device("cuda:0")` are the same GPU but compare
 unequal, and Accelerate reports the first while a loaded model reports the second,
-so devices are compared after filling in the index. Transformers draws a "Loading
-weights" bar for every model it loads; in `train`, `eval` and `predict` that bar is
-noise between the user's own progress lines, so it is switched off around the load.
+so devices are compared after filling in the index.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-
-if TYPE_CHECKING:
-    from dynprompt.models.backbone import Backbone
 
 
 def normalise_device(device: torch.device | str) -> torch.device:
@@ -33,18 +26,3 @@ def normalise_device(device: torch.device | str) -> torch.device:
 def same_device(a: torch.device | str, b: torch.device | str) -> bool:
     """Whether `a` and `b` name the same device (`cuda` and `cuda:0` do, on GPU 0)."""
     return normalise_device(a) == normalise_device(b)
-
-
-def quiet_load_backbone(name_or_path: str, device: torch.device | str = "cpu") -> Backbone:
-    """`load_backbone` without transformers' "Loading weights" progress bar."""
-    from transformers.utils import logging as hf_logging
-
-    from dynprompt.models.backbone import load_backbone
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        return load_backbone(name_or_path, device=device)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()

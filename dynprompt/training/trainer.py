@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from dynprompt.models.backbone import Backbone
+from dynprompt.models.backbone import Backbone, load_backbone
 from dynprompt.models.checkpoint import save_checkpoint
 from dynprompt.models.config import VARIANT_DECISIONS, InputSpec, TrainingInfo, make_config
 from dynprompt.models.model import DynPromptModel, Output
 from dynprompt.models.pipeline import frozen_features
 from dynprompt.models.routers import Routing
-from dynprompt.training.config import TrainConfig, dump_config
+from dynprompt.training.config import ConfigError, TrainConfig, dump_config
 from dynprompt.training.evaluate import EvalResult, evaluate_rows
 from dynprompt.training.prepare import Rows, TaskSplits, load_tasks, tokenize
 from dynprompt.training.progress import ProgressDisplay
@@ -52,7 +52,7 @@ from dynprompt.training.resume import (
     data_record,
     settings_key,
 )
-from dynprompt.training.runtime import quiet_load_backbone, same_device
+from dynprompt.training.runtime import same_device
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -295,6 +295,12 @@ def make_accelerator(config: TrainConfig) -> Any:
 def build_models(
     config: TrainConfig, splits: list[TaskSplits], backbone: Backbone
 ) -> dict[str, DynPromptModel]:
+    if config.word_score == "mean" and backbone.family != "decoder":
+        raise ConfigError(
+            f"word_score 'mean' scores label words with a decoder-only language model; "
+            f"backbone {config.backbone!r} is an {backbone.family.replace('_', '-')} model "
+            f"(use word_score 'first')"
+        )
     torch.manual_seed(config.seed)
     models: dict[str, DynPromptModel] = {}
     for s in splits:
@@ -310,6 +316,7 @@ def build_models(
             head_type=config.head,
             label_words=config.label_words,
             pooling=config.pooling,
+            word_score=config.word_score,
             max_length=s.task.max_length or config.max_length,
             truncation_side=config.truncation_side,
         )
@@ -326,6 +333,11 @@ def build_models(
             max_length=model_config.input.max_length,
             truncation_side=model_config.input.truncation_side,
         )
+        if model_config.head.word_score != config.word_score:
+            raise ConfigError(
+                f"word_score {config.word_score!r} scores label words; the {config.variant} "
+                f"run has a {model_config.head.type} head (use head 'verbalizer')"
+            )
         model_config = model_config.model_copy(update={"input": spec})
         models[s.name] = DynPromptModel(model_config, backbone)
     first = next(iter(models.values()))
@@ -575,7 +587,7 @@ def _train(
     info = log if main else (lambda _m: None)
     if backbone is None:
         info(f"loading backbone {config.backbone!r}")
-        backbone = quiet_load_backbone(config.backbone, device=accelerator.device)
+        backbone = load_backbone(config.backbone, device=accelerator.device)
     elif not same_device(backbone.device, accelerator.device):
         raise RuntimeError(f"backbone is on {backbone.device}, the run on {accelerator.device}")
 
