@@ -71,3 +71,19 @@ def test_every_subcommand_explains_itself(command: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout and len(result.stdout.splitlines()) > 5
+
+
+def test_the_http_front_end_does_not_import_torch() -> None:
+    """HTTP processes (`--workers N`) import the front end only: without torch and
+    transformers they start in a second and stay small; the engine process has the models."""
+    code = (
+        "import sys\n"
+        "import dynprompt.service.server, dynprompt.service.app, dynprompt.service.transport\n"
+        "import dynprompt.service.tei, dynprompt.service.client\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.strip() == "", out.stdout
