@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.report import device_description, write_section
 from dynprompt.models import assemble, load_backbone
-from dynprompt.models.assembly import assemble_arrangements
+from dynprompt.models.assembly import Assembled, assemble_arrangements
 
 
 def _sentences() -> list[str]:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     pad = backbone.embed(torch.tensor([backbone.pad_id], device=args.device))[0]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
-    def run_assembly():  # type: ignore[no-untyped-def]
+    def run_assembly() -> Assembled:
         return assemble(
             tokens,
             enc.token_type_ids,

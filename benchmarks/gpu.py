@@ -38,6 +38,7 @@ import torch
 from benchmarks.loadgen import LoadResult, run_load, sst2_sentences
 from benchmarks.report import write_section
 from dynprompt.models import load_backbone, load_checkpoint
+from dynprompt.models.backbone import Encoded
 from dynprompt.models.inference import classify_rows
 from dynprompt.service.config import DEFAULT_REPOSITORY
 from tests.server_util import start_server
@@ -69,7 +70,7 @@ def offline(dtype: str, sentences: list[str], seconds: float) -> dict[str, float
     for batch in (128, 512):
         batches = [backbone.collate(rows[i : i + batch]) for i in range(0, len(rows), batch)]
 
-        def bare(i: int, batches: list = batches) -> int:  # type: ignore[type-arg]
+        def bare(i: int, batches: list[Encoded] = batches) -> int:
             encoded = batches[i % len(batches)]
             rows_, width = encoded.input_ids.shape
             with torch.inference_mode():
@@ -86,7 +87,7 @@ def offline(dtype: str, sentences: list[str], seconds: float) -> dict[str, float
     for batch in (32, 128, 512):
         batches = [backbone.collate(rows[i : i + batch]) for i in range(0, len(rows), batch)]
 
-        def pipeline(i: int, batches: list = batches) -> int:  # type: ignore[type-arg]
+        def pipeline(i: int, batches: list[Encoded] = batches) -> int:
             encoded = batches[i % len(batches)]
             classify_rows(backbone, [model] * encoded.input_ids.shape[0], encoded)
             return int(encoded.input_ids.shape[0])

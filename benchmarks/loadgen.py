@@ -26,6 +26,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import psutil
+
 
 @dataclass
 class LoadResult:
@@ -76,6 +78,19 @@ class LoadResult:
             f"p95 {self.percentile(95):.1f} ms, p99 {self.percentile(99):.1f} ms, "
             f"statuses {dict(self.statuses)}"
         )
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its descendants (every thread)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def sst2_sentences(limit: int | None = None) -> list[str]:

@@ -35,10 +35,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 
-from benchmarks.loadgen import run_load, sst2_sentences
+from benchmarks.loadgen import run_load, sst2_sentences, tree_cpu_seconds
 from benchmarks.report import write_section
 from dynprompt.models import make_config, save_checkpoint
 from dynprompt.models.backbone import resolve_backbone_path
@@ -109,19 +108,6 @@ def tree_server(tree: Path, repo: Path, log_dir: Path) -> ServerProcess:
     server = ServerProcess(process, port, log_path, command)
     server.wait_ready()
     return server
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and all its descendants (every thread)."""
-    root = psutil.Process(pid)
-    total = 0.0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def shown(value: float) -> str:
@@ -257,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         "## Request overhead (`dynprompt bench overhead`)",
         "",
         f"`python -m benchmarks.overhead --rounds {args.rounds} --duration {args.duration:g} "
-        f"--concurrency {args.concurrency} --workers {' '.join(map(str, args.workers))}`",
+        f"--concurrency {args.concurrency} --workers {' '.join(map(str, args.workers))}"
+        + (f" --baseline {args.baseline}" if args.baseline else "")
+        + "`",
         "",
         f"A tiny random BERT (2 layers, hidden 32) with MiniLM's tokenizer, a `prefix` "
         f"checkpoint ({PROMPT_LENGTH} prompt tokens), one SST-2 dev sentence per request, "

@@ -33,10 +33,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import torch
 
-from benchmarks.loadgen import LoadResult, run_load, sst2_sentences
+from benchmarks.loadgen import LoadResult, run_load, sst2_sentences, tree_cpu_seconds
 from benchmarks.report import DOC, device_description, write_section
 from dynprompt.models import (
     Backbone,
@@ -121,8 +120,7 @@ def load(
     inputs_per_request: int = 1,
 ) -> LoadResult:
     """One closed-loop run; also the server process's CPU time per sentence answered."""
-    process = psutil.Process(server.pid)
-    before = process.cpu_times()
+    before = tree_cpu_seconds(server.pid)  # every process of the server (--workers N)
     result = asyncio.run(
         run_load(
             server.url,
@@ -134,8 +132,7 @@ def load(
             inputs_per_request=inputs_per_request,
         )
     )
-    after = process.cpu_times()
-    cpu_s = (after.user - before.user) + (after.system - before.system)
+    cpu_s = tree_cpu_seconds(server.pid) - before
     result.cpu_ms_per_sentence = cpu_s * 1000 / max(result.answered, 1)
     bad = {s: n for s, n in result.statuses.items() if s != 200}
     if bad:

@@ -154,6 +154,7 @@ EVAL_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--backbone", "bb"], "backbone", "bb"),
     (["--json", "out.json"], "json_out", "out.json"),
     (["--output", "json"], "output", "json"),
+    (["--output-format", "json"], "output", "json"),
     (["--plot", "r.png"], "plot", "r.png"),
 ]
 

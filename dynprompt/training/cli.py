@@ -176,7 +176,15 @@ def eval_parser() -> argparse.ArgumentParser:
         "--json", dest="json_out", metavar="PATH", help="also write the result as JSON"
     )
     parser.add_argument(
-        "--output", choices=["table", "json"], default="table", help="what to print on stdout"
+        "--output-format",
+        dest="output",
+        choices=["table", "json"],
+        default="table",
+        help="what to print on stdout (as predict's --output-format names its output's format)",
+    )
+    # The old name: `--output` is a file path in `predict`, so it is kept here hidden.
+    parser.add_argument(
+        "--output", dest="output", choices=["table", "json"], help=argparse.SUPPRESS
     )
     parser.add_argument("--plot", metavar="PNG", help="also write the routing histogram as a PNG")
     return parser
