@@ -75,8 +75,15 @@ NEW_FLAGS = {
     "--no-allow-unauthenticated",
     "--body-timeout-s",
     "--max-connections",
+    "--padding-budget-tokens",
 }
-NEW_FIELDS = {"api_key_file", "allow_unauthenticated", "body_timeout_s", "max_connections"}
+NEW_FIELDS = {
+    "api_key_file",
+    "allow_unauthenticated",
+    "body_timeout_s",
+    "max_connections",
+    "padding_budget_tokens",
+}
 
 
 def _value(value: Any, folder: Path) -> Any:
@@ -118,6 +125,7 @@ def test_the_table_covers_every_option_of_help() -> None:
         "DYNPROMPT_ALLOW_UNAUTHENTICATED",
         "DYNPROMPT_BODY_TIMEOUT_S",
         "DYNPROMPT_MAX_CONNECTIONS",
+        "DYNPROMPT_PADDING_BUDGET_TOKENS",
     }
 
 
@@ -409,9 +417,13 @@ def test_help_documents_the_new_options() -> None:
         ("--config", "DYNPROMPT_CONFIG"),
         ("--api-key-file", "DYNPROMPT_API_KEY_FILE"),
         ("--allow-unauthenticated", "DYNPROMPT_ALLOW_UNAUTHENTICATED"),
+        ("--padding-budget-tokens", "DYNPROMPT_PADDING_BUDGET_TOKENS"),
     ):
         assert flag in text and f"[env {env}; default: " in text
     assert "shows in `ps`" in text
+    assert "default: learned from the batches run]" in text
+    assert settings_from(["--padding-budget-tokens", "300"], {}).padding_budget_tokens == 300
+    assert settings_from([], {"DYNPROMPT_PADDING_BUDGET_TOKENS": "0"}).padding_budget_tokens == 0
     # No flag or variable is broken across lines (the Kubernetes test reads them from --help).
     raw = build_parser().format_help()
     assert not re.search(r"--[a-z-]*-\n", raw) and not re.search(r"DYNPROMPT_\n", raw)

@@ -518,7 +518,8 @@ def test_help_names_every_flag_its_variable_and_default() -> None:
         "--model-repository", "--host", "--port", "--device", "--dtype", "--backend", "--onnx-cache-dir",
         "--threads", "--max-batch-size", "--max-batch-tokens", "--max-wait-ms", "--max-queue-requests",
         "--queue-timeout-s", "--max-client-batch-size", "--payload-limit-bytes", "--api-key", "--log-level",
-        "--padding-tolerance", "--drain-timeout-s", "--tokenizer-threads", "--log-format",
+        "--padding-tolerance", "--padding-budget-tokens", "--drain-timeout-s", "--tokenizer-threads",
+        "--log-format",
     ):  # fmt: skip
         assert flag in text, flag
         env = "DYNPROMPT_" + flag[2:].replace("-", "_").upper()

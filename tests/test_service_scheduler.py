@@ -19,7 +19,7 @@ from dynprompt.service import protocol
 from dynprompt.service.metrics import ServiceMetrics
 from dynprompt.service.protocol import Answer, Submission
 from dynprompt.service.registry import ModelEntry, Registry, RepositoryError
-from dynprompt.service.scheduler import BatchLimits
+from dynprompt.service.scheduler import BatchLimits, CostModel, Scheduler
 from dynprompt.service.worker import BackboneWorker, Job
 from tests.server_util import (
     build_model,
@@ -81,14 +81,23 @@ def worker_with(
 
 
 @pytest.mark.parametrize(
-    ("max_batch_size", "tolerance", "sizes"),
-    [(4, 0.5, [4, 4]), (16, 0.5, [4, 4]), (16, 1e9, [8])],
+    ("max_batch_size", "tolerance", "budget", "sizes"),
+    [
+        (4, 0.5, None, [4, 4]),
+        (16, 0.5, None, [4, 4]),  # too few batches to learn a padding budget from
+        (16, 1e9, None, [8]),
+        (16, 0.5, 10**6, [8]),  # padding paid for by the batch it saves
+    ],
 )
 def test_rows_are_grouped_by_length(
-    model: DynPromptModel, max_batch_size: int, tolerance: float, sizes: list[int]
+    model: DynPromptModel,
+    max_batch_size: int,
+    tolerance: float,
+    budget: int | None,
+    sizes: list[int],
 ) -> None:
     batches: list[tuple[Any, ...]] = []
-    limits = BatchLimits(max_batch_size, 10**6, 0.0, tolerance)
+    limits = BatchLimits(max_batch_size, 10**6, 0.0, tolerance, budget)
     worker, entry = worker_with(model, limits, batches)
     target = Collect()
     texts = [SHORT if i % 2 == 0 else LONG for i in range(8)]  # arrivals alternate short/long
@@ -100,10 +109,50 @@ def test_rows_are_grouped_by_length(
     worker.stop(10)
     assert [b[3] for b in batches] == sizes
     no_padding = all(padded == real for *_, padded, real, _ in batches)
-    assert no_padding == (len(sizes) == 2)  # grouped by length, or (tolerance off) mixed
+    assert no_padding == (len(sizes) == 2)  # grouped by length, or (padding allowed) mixed
     want = offline_predictions(model, texts)
     for got, ref in zip(answers, want, strict=True):
         assert got.rows[0].probs == pytest.approx(ref.probs, abs=1e-5)
+
+
+def test_padding_budget_counts_the_whole_batch() -> None:
+    """Rows of 10 and 40 tokens: apart under the tolerance alone; together once the batch
+    may carry their 60 padded tokens, and not one token less."""
+
+    def batch(budget: int) -> list[int]:
+        scheduler: Scheduler[int] = Scheduler(BatchLimits(16, 10**6, 0.0, 0.25, budget))
+        for cost in (10, 40, 10, 40):
+            scheduler.add(cost, cost, 0.0)
+        return scheduler.take()
+
+    assert batch(0) == [10, 10]
+    assert batch(59) == [10, 10]
+    assert batch(60) == [10, 40, 10, 40]
+
+
+@pytest.mark.parametrize(
+    ("fixed_s", "per_token_s", "want"),
+    [
+        (2e-3, 1e-6, 2000),  # a small model: padding is cheap next to another batch
+        (1e-3, 2e-4, 5),  # a real model on a CPU: a few tokens
+        (0.0, 2e-4, 0),  # no fixed cost: padding never pays
+        (4e-3, 0.0, 8192),  # flat cost (an unsaturated GPU): padding is free up to the cap
+    ],
+)
+def test_cost_model_finds_the_break_even(fixed_s: float, per_token_s: float, want: int) -> None:
+    costs = CostModel()
+    sizes = [64 * (1 + i % 16) for i in range(40)]
+    for i, tokens in enumerate(sizes):
+        assert costs.break_even_tokens(8192) is None or i >= costs.min_batches
+        costs.observe(tokens, fixed_s + per_token_s * tokens)
+    assert costs.break_even_tokens(8192) == pytest.approx(want, abs=1)
+
+
+def test_cost_model_needs_batches_of_different_sizes() -> None:
+    costs = CostModel()
+    for _ in range(100):
+        costs.observe(512, 0.01)
+    assert costs.break_even_tokens(8192) is None
 
 
 def test_batch_closes_at_the_token_budget(model: DynPromptModel) -> None:

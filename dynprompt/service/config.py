@@ -137,6 +137,14 @@ class Settings(BaseModel):
         description="a row joins a batch only if the padding it adds is at most this fraction "
         "of its own length (rows of other lengths wait for the next batch)",
     )
+    padding_budget_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="padded tokens a batch may carry beyond --padding-tolerance; unset, each "
+        "backbone learns it from its batches' times: the padding that costs as much as one "
+        "more batch (hundreds of tokens for a small model or on a GPU, about none for a real "
+        "model on a CPU)",
+    )
     max_queue_requests: int = Field(
         256, ge=1, description="requests admitted at once; beyond it the answer is 429"
     )
@@ -355,6 +363,7 @@ _SHOWN_DEFAULTS = {
     "threads": "all cores",
     "workers": "1 on a CPU; on a GPU half the cores, at most 8",
     "max_input_chars": "none",
+    "padding_budget_tokens": "learned from the batches run",
     "api_keys": "none",
     "api_key_file": "none",
     "allow_unauthenticated": "off",

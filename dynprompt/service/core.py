@@ -91,6 +91,7 @@ class EngineCore:
             settings.max_batch_tokens,
             settings.max_wait_ms / 1000.0,
             settings.padding_tolerance,
+            settings.padding_budget_tokens,
         )
         self.registry = Registry(
             loader, settings.resolved_device(), settings.torch_dtype, limits, self.metrics

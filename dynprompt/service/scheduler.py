@@ -5,6 +5,12 @@ tokens (prompts included), or `max_wait` after its oldest row arrived. It starts
 with the oldest row (nobody starves) and takes the rows closest to it in length
 whose padding stays within `padding_tolerance`; the rest wait for the next batch,
 where rows of their own length join them.
+
+Padding is not the only cost: every batch also pays a fixed price (Python, kernel
+launches, the answers' round trip), which for a small model or a GPU dwarfs a few
+padded tokens. So a batch may carry up to `padding_budget` padded tokens beyond what
+the per-row tolerance allows: the break-even where the padding would cost as much as
+the batch those rows would otherwise need. `CostModel` learns it from the batches run.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ class BatchLimits:
     # A row joins a batch only if the padding it adds (to itself, or to the rows already
     # there when it is the longest) is at most this fraction of its own length.
     padding_tolerance: float = 0.25
+    # Padded tokens a batch may carry past the tolerance; None: learned (`CostModel`).
+    padding_budget: int | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -40,6 +48,8 @@ class Scheduler(Generic[T]):
         self.limits = limits
         self.rows: list[Queued[T]] = []
         self.row_cap = limits.max_batch_size  # lowered after running out of memory
+        # Padded tokens a batch may carry past the tolerance (set by the worker when learned).
+        self.padding_budget = limits.padding_budget or 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -72,7 +82,7 @@ class Scheduler(Generic[T]):
         queue, limits = self.rows, self.limits
         anchor = queue[0].cost
         order = sorted(range(len(queue)), key=lambda i: (abs(queue[i].cost - anchor), i))
-        chosen, width = [order[0]], anchor
+        chosen, width, real = [order[0]], anchor, anchor
         for i in order[1:]:
             if len(chosen) >= self.row_cap:
                 break
@@ -80,10 +90,56 @@ class Scheduler(Generic[T]):
             wider = max(width, cost)
             padded = (len(chosen) + 1) * wider
             added = padded - len(chosen) * width - cost
-            if padded <= limits.max_batch_tokens and added <= limits.padding_tolerance * cost:
+            affordable = (
+                added <= limits.padding_tolerance * cost
+                or padded - real - cost <= self.padding_budget
+            )
+            if padded <= limits.max_batch_tokens and affordable:
                 chosen.append(i)
-                width = wider
+                width, real = wider, real + cost
         chosen.sort()
         picked = set(chosen)
         self.rows = [r for i, r in enumerate(queue) if i not in picked]
         return [queue[i].item for i in chosen]
+
+
+class CostModel:
+    """A batch's seconds as `fixed + per_token * padded_tokens`, fitted by least squares
+    over the recent batches (each older batch weighs `decay` times less).
+
+    `fixed / per_token` is the break-even: that many padded tokens cost as much as
+    running one more batch. On a CPU with a real model it is a handful of tokens (keep
+    grouping by length); with a tiny model or on a GPU it is hundreds (fill batches).
+    """
+
+    def __init__(self, decay: float = 0.99, min_batches: int = 16) -> None:
+        self.decay = decay
+        self.min_batches = min_batches
+        self.batches = 0
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, padded_tokens: int, seconds: float) -> None:
+        d, x = self.decay, float(padded_tokens)
+        self._w = d * self._w + 1.0
+        self._x = d * self._x + x
+        self._y = d * self._y + seconds
+        self._xx = d * self._xx + x * x
+        self._xy = d * self._xy + x * seconds
+        self.batches += 1
+
+    def break_even_tokens(self, cap: int) -> int | None:
+        """Padded tokens worth one batch, at most `cap`; None until the fit means something
+        (too few batches, or batches all of one size)."""
+        if self.batches < self.min_batches:
+            return None
+        mean_x, mean_y = self._x / self._w, self._y / self._w
+        var_x = self._xx / self._w - mean_x * mean_x
+        if var_x <= (0.05 * mean_x) ** 2:  # sizes too alike to tell fixed from per-token
+            return None
+        per_token = (self._xy / self._w - mean_x * mean_y) / var_x
+        fixed = mean_y - per_token * mean_x
+        if fixed <= 0:
+            return 0
+        if per_token <= fixed / cap:  # padding is (nearly) free at this scale
+            return cap
+        return int(fixed / per_token)

@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -35,7 +35,7 @@ from dynprompt.models.model import DynPromptModel
 from dynprompt.service import protocol
 from dynprompt.service.memory import Trimmer
 from dynprompt.service.protocol import Answer, RowAnswer, Submission
-from dynprompt.service.scheduler import BatchLimits, Scheduler
+from dynprompt.service.scheduler import BatchLimits, CostModel, Scheduler
 
 
 class Served(Protocol):
@@ -123,6 +123,9 @@ class BackboneWorker:
         self.label = label
         self.limits = limits
         self.scheduler: Scheduler[Row] = Scheduler(limits)
+        self._costs = CostModel() if limits.padding_budget is None else None
+        self._logged_budget: int | None = None
+        self._logged_at = 0.0
         self._on_batch = on_batch
         self._cond = threading.Condition()
         self._inbox: list[Job] = []
@@ -464,11 +467,17 @@ class BackboneWorker:
             return self._compute(first, self._collate(first)) + self._compute(
                 second, self._collate(second)
             )
+        seconds = time.perf_counter() - start
+        if self._costs is not None:
+            self._costs.observe(stats.padded_tokens, seconds)
+            budget = self._costs.break_even_tokens(self.limits.max_batch_tokens)
+            if budget is not None:
+                self._set_padding_budget(budget)
         if self._on_batch is not None:
             models = len({id(r.job.entry.model) for r in batch})
             self._on_batch(
                 self.label,
-                time.perf_counter() - start,
+                seconds,
                 time.thread_time() - cpu,
                 stats.rows,
                 stats.padded_tokens,
@@ -476,6 +485,20 @@ class BackboneWorker:
                 models,
             )
         return list(results)
+
+    def _set_padding_budget(self, budget: int) -> None:
+        """Logged when it first settles, then at most once a minute when it has halved or
+        doubled since."""
+        logged, now = self._logged_budget, time.monotonic()
+        moved = logged is not None and not logged / 2 <= budget <= logged * 2 + 1
+        if logged is None or (moved and now - self._logged_at >= 60.0):
+            self._logged_budget, self._logged_at = budget, now
+            log.info(
+                "backbone %s: a batch may carry %d padded tokens past the padding tolerance "
+                "(as much as one more batch costs, measured over the last batches)",
+                self.label, budget,
+            )  # fmt: skip
+        self.scheduler.padding_budget = budget
 
     def _lower_cap(self, failed_rows: int) -> None:
         cap = max(1, failed_rows // 2)
@@ -512,7 +535,3 @@ class BackboneWorker:
             message = f"internal error; quote request id {job.sub.request_id} when reporting it"
             answers.append((job.target, answer_error(job, protocol.INTERNAL, message)))
         return answers
-
-
-def describe(worker: BackboneWorker) -> dict[str, Any]:
-    return {"label": worker.label, "row_cap": worker.row_cap, "queued": len(worker.scheduler)}
