@@ -35,13 +35,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.loadgen import LoadResult, run_load, sst2_sentences
+from benchmarks.loadgen import LoadResult, run_load, sst2_sentences, tree_cpu_seconds
 from benchmarks.report import write_section
 from dynprompt.models import load_backbone, load_checkpoint
 from dynprompt.models.backbone import Encoded
 from dynprompt.models.inference import classify_rows
 from dynprompt.service.config import DEFAULT_REPOSITORY
-from tests.server_util import start_server
+from tests.server_util import sample, scrape, start_server
 
 PROMPT = 50
 
@@ -116,6 +116,7 @@ def load(url: str, sentences: list[str], clients: int, seconds: float, inputs: i
         merged.statuses.update(part.statuses)
         merged.latencies_ms += part.latencies_ms
         merged.completions += part.completions
+        merged.answered += part.answered
     return merged
 
 
@@ -141,16 +142,19 @@ def main(argv: list[str] | None = None) -> int:
         "`instance_position` prompt, backbone router features), SST-2 dev sentences; "
         f"{os.cpu_count()} CPU cores.",
         "",
-        "| dtype | measure | sentences/s | requests/s | p50 ms | p99 ms |",
-        "|---|---|---:|---:|---:|---:|",
+        "| dtype | measure | sentences/s | requests/s | p50 ms | p99 ms | server CPU-ms / "
+        "request | of which the engine core |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for dtype in args.dtypes:
         print(f"{dtype}: offline", flush=True)
         figures = offline(dtype, sentences, args.duration)
         for name, value in figures.items():
-            lines.append(f"| {dtype} | {name.replace('_', ' at ')} rows | {value:,.0f} | | | |")
+            lines.append(f"| {dtype} | {name.replace('_', ' at ')} rows | {value:,.0f} | | | | | |")
         ratio = figures["pipeline_512"] / figures["bare_512"]
-        lines.append(f"| {dtype} | pipeline / bare at 512 (goal ≥ 0.7) | **{ratio:.2f}** | | | |")
+        lines.append(
+            f"| {dtype} | pipeline / bare at 512 (goal ≥ 0.7) | **{ratio:.2f}** | | | | | |"
+        )
         serve_args = ["--model-repository", str(DEFAULT_REPOSITORY), "--device", "cuda"]
         serve_args += ["--dtype", dtype, "--max-batch-size", "512", "--max-wait-ms", "0"]
         if args.workers:
@@ -158,13 +162,21 @@ def main(argv: list[str] | None = None) -> int:
         with start_server(serve_args, log_dir=Path("/tmp") / "dynprompt-gpu-bench") as server:
             for clients, inputs in ((1, 1), (64, 1), (256, 1), (16, 32)):
                 print(f"{dtype}: server, {clients} clients x {inputs}", flush=True)
+                # CPU per request, all processes and the engine core's alone (its
+                # `process_*` series): which side of the server a shortfall comes from.
+                before, cpu = scrape(server.url), tree_cpu_seconds(server.pid)
                 result = load(server.url, sentences, clients, args.duration, inputs)
+                cpu, after = tree_cpu_seconds(server.pid) - cpu, scrape(server.url)
+                name = "process_cpu_seconds_total"
+                core = sample(after, name) - sample(before, name)
+                done = max(result.answered // inputs, 1)  # the CPU spans the warm-up too
                 share = result.sentences_per_s / figures["bare_512"]
                 note = f" ({share:.0%} of the ceiling)" if inputs > 1 else ""
                 lines.append(
                     f"| {dtype} | server, {clients} clients × {inputs} sentence(s){note} | "
                     f"{result.sentences_per_s:,.0f} | {result.requests_per_s:,.0f} | "
-                    f"{statistics.median(result.latencies_ms):.1f} | {result.percentile(99):.1f} |"
+                    f"{statistics.median(result.latencies_ms):.1f} | {result.percentile(99):.1f} | "
+                    f"{cpu * 1000 / done:.3f} | {core * 1000 / done:.3f} |"
                 )
     table = "\n".join(lines)
     print(table)

@@ -14,8 +14,12 @@ closed-loop clients send one SST-2 dev sentence per request. For each server lay
 - of which compute: the CPU time of the threads running the tiny model's batches
   (`dynprompt_compute_cpu_seconds_total`); on these CPUs even a model this small
   costs about 0.1 ms a row, which a GPU would take off the CPU;
-- the request path's own cost: the difference. This is what bounds how many requests
-  per second a front end can feed a GPU. Goal: at most 0.25 CPU-ms a request.
+- the request path's own cost: the difference. Goal: at most 0.25 CPU-ms a request;
+- the engine core's share of it: the CPU of the process the core runs in
+  (`process_cpu_seconds_total` from its /metrics) less compute. With `--workers N` the
+  HTTP processes scale out with the cores, but there is one engine core per device, and
+  its threads share one interpreter lock: 1000 / this figure is the most single-sentence
+  requests per second one core can take in, batch and answer, whatever the device.
 
 The server runs with one torch thread (`--threads 1`): on 2 shared cores a second
 intra-op thread makes small matrix products slower, not faster.
@@ -95,13 +99,15 @@ def prefix_repository(folder: Path, backbone_path: Path) -> Path:
     return folder
 
 
-def tree_server(tree: Path, repo: Path, log_dir: Path) -> ServerProcess:
+def tree_server(tree: Path, repo: Path, log_dir: Path, workers: int = 1) -> ServerProcess:
     """`dynprompt serve` of another source tree (its own package, this interpreter)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = log_dir / f"baseline-{port}.log"
     command = [sys.executable, "-m", "dynprompt.cli", "serve", "--model-repository", str(repo)]
     command += ["--threads", "1", "--host", HOST, "--port", str(port)]
+    if workers != 1:  # a tree from before `--workers` knows no such flag
+        command += ["--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, cwd=tree, env=env, stdout=log_file, stderr=log_file)
@@ -125,6 +131,7 @@ class Point:
     requests_per_s: float
     cpu_ms: float
     compute_ms: float
+    core_ms: float  # the engine core's process, compute aside
     p50_ms: float
 
     @property
@@ -154,6 +161,10 @@ def measure(
     compute = total(after_metrics, name) - total(before_metrics, name)
     if not any(key == name for key, _ in after_metrics):  # a server that does not export it
         compute = float("nan")
+    name = "process_cpu_seconds_total"  # the process the engine core runs in
+    core = total(after_metrics, name) - total(before_metrics, name) - compute
+    if not any(key == name for key, _ in after_metrics):
+        core = float("nan")
     bad = {s: n for s, n in result.statuses.items() if s != 200}
     if bad:
         raise SystemExit(f"{layout}: non-200 answers {bad}")
@@ -162,11 +173,13 @@ def measure(
         result.requests_per_s,
         (after_cpu - before_cpu) * 1000 / answered,
         compute * 1000 / answered,
+        core * 1000 / answered,
         result.percentile(50),
     )
     print(
         f"  {layout}: {point.requests_per_s:.0f} requests/s, {point.cpu_ms:.3f} CPU-ms/request "
-        f"(compute {point.compute_ms:.3f}, path {point.path_ms:.3f}), p50 {point.p50_ms:.1f} ms",
+        f"(compute {point.compute_ms:.3f}, path {point.path_ms:.3f}, engine core "
+        f"{point.core_ms:.3f}), p50 {point.p50_ms:.1f} ms",
         flush=True,
     )
     return point
@@ -189,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure the server of another source tree, side by side (e.g. `git worktree "
         "add /tmp/base <commit>`): its row is labelled with the tree's commit",
     )
+    parser.add_argument(
+        "--baseline-workers",
+        type=int,
+        default=1,
+        help="the baseline server's --workers (a tree older than the flag takes only 1)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args(argv)
 
@@ -210,13 +229,14 @@ def main(argv: list[str] | None = None) -> int:
             ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, check=False,
         ).stdout.strip() or tree.name  # fmt: skip
-        layouts["base"] = f"baseline `{commit}`"
+        shown_workers = f", --workers {args.baseline_workers}" if args.baseline_workers != 1 else ""
+        layouts["base"] = f"baseline `{commit}`{shown_workers}"
         base_repo = workdir / "base-repo"
         subprocess.run(  # its checkpoint written by its own code: formats may differ
             [sys.executable, "-c", MAKE_REPOSITORY, str(base_repo), str(backbone_path)],
             cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, check=True,
         )  # fmt: skip
-        servers["base"] = tree_server(tree, base_repo, workdir / "logs")
+        servers["base"] = tree_server(tree, base_repo, workdir / "logs", args.baseline_workers)
     points: dict[str, list[Point]] = {key: [] for key in servers}
     try:
         for r in range(args.rounds):
@@ -245,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`python -m benchmarks.overhead --rounds {args.rounds} --duration {args.duration:g} "
         f"--concurrency {args.concurrency} --workers {' '.join(map(str, args.workers))}"
         + (f" --baseline {args.baseline}" if args.baseline else "")
+        + (f" --baseline-workers {args.baseline_workers}" if args.baseline_workers != 1 else "")
         + "`",
         "",
         f"A tiny random BERT (2 layers, hidden 32) with MiniLM's tokenizer, a `prefix` "
@@ -254,16 +275,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(os.sched_getaffinity(0))}-core CPU machine. CPU time is the server's, every "
         "process and thread; *compute* is the CPU of the threads running the model's "
         "batches (`dynprompt_compute_cpu_seconds_total`); the *request path* is the rest. "
-        f"Goal: request path ≤ {GOAL_MS} CPU-ms a request.",
+        f"Goal: request path ≤ {GOAL_MS} CPU-ms a request. The *engine core* column is the "
+        "part of the request path spent in the process the engine core runs in "
+        "(`process_cpu_seconds_total` less compute; with `--workers 1` that process is the "
+        "whole server); one core per device, so 1000 / it bounds the single-sentence "
+        "requests per second a device can be fed.",
         "",
-        "| server | requests/s | CPU-ms / request | of which compute | request path | p50 ms |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| server | requests/s | CPU-ms / request | of which compute | request path "
+        "| engine core | one core feeds at most (req/s) | p50 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key in servers:
+        core = med(key, "core_ms")
+        bound = "—" if math.isnan(core) or core <= 0 else f"{1000 / core:,.0f}"
         lines.append(
             f"| {layouts[key]} | {med(key, 'requests_per_s'):.0f} | {med(key, 'cpu_ms'):.3f} | "
             f"{shown(med(key, 'compute_ms'))} | **{shown(med(key, 'path_ms'))}** | "
-            f"{med(key, 'p50_ms'):.1f} |"
+            f"{shown(core)} | {bound} | {med(key, 'p50_ms'):.1f} |"
         )
     table = "\n".join(lines)
     print(table)

@@ -8,6 +8,8 @@ as a whole: one admission limit, one drain, one reload, one count per request.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -109,6 +111,61 @@ def test_every_request_is_counted_exactly_once(server: ServerProcess) -> None:
                 == count
             )
         assert sample(after, "dynprompt_queue_depth") == 0
+
+
+def test_process_metrics_are_the_engine_cores(server: ServerProcess) -> None:
+    """`process_*` series describe the engine-core process (the one that loaded torch),
+    whichever HTTP process answers the scrape: its CPU is what bounds a device's feed."""
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    core = [pid for pid in children if "libtorch" in Path(f"/proc/{pid}/maps").read_text()]
+    assert len(core) == 1, children
+    fronts = [pid for pid in children if pid not in core]
+    assert fronts
+
+    def vsize(pid: str) -> int:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[20])
+
+    for _ in range(4):  # several scrapes: both HTTP processes answer some
+        scraped = sample(scrape(server.url), "process_virtual_memory_bytes")
+        assert abs(scraped - vsize(core[0])) <= 0.05 * vsize(core[0])
+        for pid in fronts:
+            assert abs(scraped - vsize(pid)) > 0.05 * vsize(pid)
+    assert sample(scrape(server.url), "process_cpu_seconds_total") > 0
+
+
+def test_a_scrape_does_not_wait_for_a_stopped_http_process(repo: Repo, tmp_path: Path) -> None:
+    """Before rendering, the core asks every other HTTP process to flush its requests'
+    records; one that cannot answer (here: stopped) delays a scrape by the fence's
+    timeout once, is logged, and is not waited for again until it speaks."""
+    with start_server(
+        ["--model-repository", str(repo[0]), "--workers", "2", "--max-wait-ms", "5"],
+        log_dir=tmp_path,
+    ) as proc:
+        bodies = [{"model": "pre", "inputs": [t]} for t in TEXTS[:16]]
+        assert [r.status_code for r in one_connection_each(proc.url, bodies)] == [200] * 16
+        answered = sorted(processes_that_answered(proc))
+        assert len(answered) == 2
+        assert sample(scrape(proc.url), "dynprompt_requests_total", model="pre", status="200") == 16
+        stopped = answered[0]
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            text = None
+            for _ in range(30):  # a new connection may be handed to the stopped process
+                try:
+                    text = httpx.get(proc.url + "/metrics", timeout=3).text
+                    break
+                except httpx.TimeoutException:
+                    continue
+            assert text is not None, "no scrape was answered while one process was stopped"
+            assert 'dynprompt_requests_total{model="pre",status="200"} 16.0' in text
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        warned = [r for r in proc.log_records() if "did not flush their records" in r["msg"]]
+        assert len(warned) == 1
+        more = [{"model": "pre", "inputs": [t]} for t in TEXTS[16:24]]
+        assert [r.status_code for r in one_connection_each(proc.url, more)] == [200] * 8
+        assert sample(scrape(proc.url), "dynprompt_requests_total", model="pre", status="200") == 24
 
 
 def test_the_queue_limit_is_shared_by_the_processes(repo: Repo, tmp_path: Path) -> None:

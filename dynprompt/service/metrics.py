@@ -5,7 +5,8 @@ cores in one process. The core owns it whatever the number of HTTP processes, so
 each request is counted once: front ends send it a `Record` per finished request
 (`observe_request`), workers report each batch (`observe_batch`). Labels stay
 bounded: model names of served models (anything else is `_unknown`), backbone
-names, HTTP status codes.
+names, HTTP status codes. Beside them the registry carries the standard `process_*`
+series of the process the core runs in.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 from dynprompt.service.protocol import Record
 
@@ -107,6 +115,10 @@ class ServiceMetrics:
             ["version", "backend", "device", "dtype"],
             registry=r,
         )
+        # The standard `process_*` series (CPU seconds, resident memory, open files) of the
+        # process the core runs in: with `--workers N` that is the engine-core process
+        # alone, whose CPU per request bounds how many requests it can feed a GPU.
+        ProcessCollector(registry=r)
         self._gpu_memory: Gauge | None = None
         self._children: dict[str, _ModelChildren] = {}
 

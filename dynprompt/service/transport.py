@@ -11,12 +11,25 @@ engine core. Both directions carry lists of messages: whatever one event-loop
 iteration (front end) or one batch (core) produced travels as one pickled frame,
 so the per-request cost of the hop is a few microseconds. Pickle is safe here
 because both ends are this program and the socket lives in a folder only this
-user can open.
+user can open. Submissions, records and answers cross as plain tuples, not as
+their NamedTuple classes: pickle calls a Python method per NamedTuple both to
+write and to read one, and the engine core, whose threads share one interpreter
+lock, is the side that must not pay per-request Python it can avoid: as tuples an
+answer costs it a third of the time to write, a submission and its record half the
+time to read.
 
-Messages, front end -> core: ("s", Submission) submit, ("c", ticket) cancel,
-("r", Record) a finished request's metrics, ("q", call id, method, args) a control
-call. Core -> front end: ("a", [Answer, ...]) answers, ("q", call id, ok, value)
-a control call's result (value is (kind, message) when not ok).
+A finished request's `Record` rides in the next frame with everything else, not in
+a frame of its own, so the core is woken about once per front-end iteration, not
+once per request. That alone would let a scrape answered through another HTTP
+process miss a request whose answer its client already holds; so before rendering
+the metrics the core fences: it asks every other front end to flush, and renders
+once each has answered (or `FENCE_S` has passed: a front end that is gone).
+
+Messages, front end -> core: ("s", Submission fields) submit, ("c", ticket) cancel,
+("r", Record fields) a finished request's metrics, ("q", call id, method, args) a
+control call, ("f", fence id) flushed. Core -> front end: ("a", [Answer fields, ...])
+answers (each row's RowAnswer fields a tuple too), ("q", call id, ok, value) a
+control call's result (value is (kind, message) when not ok), ("f", fence id) flush.
 """
 
 from __future__ import annotations
@@ -29,14 +42,19 @@ import os
 import pickle
 import signal
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from dynprompt.service.protocol import Answer, CoreError, Record, Submission
+from dynprompt.service.protocol import Answer, CoreError, Record, RowAnswer, Submission
 
 log = logging.getLogger("dynprompt.service.transport")
 
 PICKLE = pickle.HIGHEST_PROTOCOL
+# How long a metrics scrape waits for the other front ends' records (see the fence above).
+FENCE_S = 0.25
 
 
 class LocalCore:
@@ -119,10 +137,13 @@ class RemoteCore:
             frame = await self.socket.recv()
             kind, *rest = pickle.loads(frame)
             if kind == "a":
-                for answer in rest[0]:
-                    future = self._pending.pop(answer.ticket, None)
+                for fields in rest[0]:
+                    future = self._pending.pop(fields[0], None)
                     if future is not None and not future.done():
-                        future.set_result(answer)
+                        future.set_result(_answer(fields))
+            elif kind == "f":  # the core renders metrics: send what is pending, then say so
+                self._send(("f", rest[0]))
+                self.flush()
             elif kind == "q":
                 call_id, ok, value = rest
                 waiter = self._calls.pop(call_id, None)
@@ -135,7 +156,7 @@ class RemoteCore:
     def submit(self, sub: Submission) -> asyncio.Future[Answer]:
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._pending[sub.ticket] = future
-        self._send(("s", sub))
+        self._send(("s", tuple(sub)))
         return future
 
     def cancel(self, ticket: int) -> None:
@@ -143,8 +164,7 @@ class RemoteCore:
         self._send(("c", ticket))
 
     def record(self, record: Record) -> None:
-        self._send(("r", record))
-        self.flush()  # counted before the response leaves: a scrape right after sees it
+        self._send(("r", tuple(record)))  # flushed with this iteration's frame
 
     async def call(self, method: str, *args: Any) -> Any:
         call_id = next(self._call_ids)
@@ -171,7 +191,24 @@ class _RemoteTarget:
         self.server = server
 
     def deliver(self, answers: list[Answer]) -> None:
-        self.server.post(self.identity, ("a", answers))
+        wire = [(*a[:3], [tuple(row) for row in a.rows], *a[4:]) for a in answers]
+        self.server.post(self.identity, ("a", wire))
+
+
+def _answer(fields: tuple[Any, ...]) -> Answer:
+    """An `Answer` from its wire tuple (the front end's side of `_RemoteTarget.deliver`)."""
+    answer = Answer(*fields)
+    return answer._replace(rows=[RowAnswer(*row) for row in answer.rows])
+
+
+@dataclass
+class _Fence:
+    """A metrics scrape waiting for the front ends in `waiting` to flush their records."""
+
+    number: int
+    waiting: set[bytes]
+    deadline: float
+    reply: Callable[[], None]
 
 
 class CoreServer:
@@ -196,6 +233,9 @@ class CoreServer:
         os.set_blocking(self._wake_write, False)
         self._targets: dict[bytes, _RemoteTarget] = {}
         self._stop = threading.Event()
+        self._fences: list[_Fence] = []
+        self._fence_numbers = itertools.count(1)
+        self._silent: set[bytes] = set()  # front ends that let a fence expire: not waited for
 
     def post(self, identity: bytes, message: tuple[Any, ...]) -> None:
         """Queue a frame for a front end (any thread)."""
@@ -214,9 +254,14 @@ class CoreServer:
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
         while not self._stop.is_set():
-            events = dict(poller.poll(500))
+            timeout = 500.0
+            if self._fences:
+                timeout = max(0.0, min(f.deadline for f in self._fences) - time.monotonic()) * 1000
+            events = dict(poller.poll(timeout))
             if self.socket in events:
                 self._receive_all()
+            if self._fences:
+                self._settle_fences()
             if self._wake_read in events:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self._wake_read, 4096):
@@ -242,6 +287,7 @@ class CoreServer:
             target = self._targets.get(identity)
             if target is None:
                 target = self._targets[identity] = _RemoteTarget(identity, self)
+            self._silent.discard(identity)
             self._handle(target, pickle.loads(frame))
 
     def _handle(self, target: _RemoteTarget, messages: list[tuple[Any, ...]]) -> None:
@@ -249,15 +295,32 @@ class CoreServer:
         records: list[Record] = []
         for kind, *rest in messages:
             if kind == "s":
-                core.submit(rest[0], target)
+                core.submit(Submission(*rest[0]), target)
             elif kind == "c":
                 core.cancel(target, rest[0])
             elif kind == "r":
-                records.append(rest[0])
+                records.append(Record(*rest[0]))
             elif kind == "q":
                 self._control(target, *rest)
+            elif kind == "f":
+                for fence in self._fences:
+                    if fence.number == rest[0]:
+                        fence.waiting.discard(target.identity)
         if records:
             core.record(records)
+
+    def _settle_fences(self) -> None:
+        """Render for every fence all of whose front ends have flushed, or that expired."""
+        now = time.monotonic()
+        for fence in [f for f in self._fences if not f.waiting or f.deadline <= now]:
+            self._fences.remove(fence)
+            if fence.waiting:
+                log.warning(
+                    "%d HTTP processes did not flush their records within %gs; the metrics "
+                    "may miss their last requests", len(fence.waiting), FENCE_S,
+                )  # fmt: skip
+                self._silent |= fence.waiting
+            fence.reply()
 
     def _control(self, target: _RemoteTarget, call_id: int, method: str, args: tuple[Any]) -> None:
         def reply() -> None:
@@ -274,7 +337,16 @@ class CoreServer:
             threading.Thread(target=reply, name="dynprompt-reload", daemon=True).start()
             return
         if method == "render_metrics":
-            self._receive_all()  # count every request already reported before rendering
+            # The caller's own records came before this call in its frames; every other
+            # front end flushes first (the fence), so a scrape counts every request
+            # answered before it, whichever process answered it.
+            others = set(self._targets) - {target.identity} - self._silent
+            if others:
+                number = next(self._fence_numbers)
+                for identity in others:
+                    self.post(identity, ("f", number))
+                self._fences.append(_Fence(number, others, time.monotonic() + FENCE_S, reply))
+                return
         reply()
 
 
