@@ -236,6 +236,10 @@ class Backbone:
             # GPT-2 style tokenizers have no pad token; padded positions are masked anyway.
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self._template = _probe_template(self.tokenizer)
+        # Special tokens around one text and around a pair: read per row when truncating.
+        self._specials = {
+            pair: len(self._with_specials([], [] if pair else None)[0]) for pair in (False, True)
+        }
         self.n_lead, self.n_trail = len(self._template.lead), len(self._template.trail)
         params = inspect.signature(self._body().forward).parameters
         self._accepts_position_ids = "position_ids" in params and self.family != "encoder_decoder"
@@ -305,8 +309,7 @@ class Backbone:
         return self._finish(first, second, max_length, truncation_side)
 
     def _num_specials(self, pair: bool) -> int:
-        ids, _ = self._with_specials([], [] if pair else None)
-        return len(ids)
+        return self._specials[pair]
 
     def _with_specials(
         self, first: list[int], second: list[int] | None
