@@ -478,6 +478,7 @@ def test_dashboard_has_the_required_panels() -> None:
         "dynprompt_batch_padding_ratio",
         "dynprompt_queue_depth",
         "dynprompt_inference_duration_seconds",
+        "process_cpu_seconds_total",  # the engine core's process
         *GPU_ONLY_METRICS,
     ):
         assert needle in exprs, f"no panel queries {needle}"
