@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -74,6 +75,20 @@ def processes_that_answered(server: ServerProcess, status: int = 200) -> set[int
         for rec in server.log_records()
         if rec.get("path") == "/v1/classify" and rec.get("status") == status
     }
+
+
+def http_processes(server: ServerProcess) -> list[int]:
+    """The pids of the server's HTTP processes: spawned children without torch (the other
+    children are the engine core and multiprocessing's resource tracker)."""
+    found = []
+    for pid in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split():
+        try:
+            spawned = b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            if spawned and "libtorch" not in Path(f"/proc/{pid}/maps").read_text():
+                found.append(int(pid))
+        except FileNotFoundError:  # exited meanwhile
+            continue
+    return found
 
 
 def test_answers_equal_offline_from_both_processes(server: ServerProcess, repo: Repo) -> None:
@@ -166,6 +181,116 @@ def test_a_scrape_does_not_wait_for_a_stopped_http_process(repo: Repo, tmp_path:
         more = [{"model": "pre", "inputs": [t]} for t in TEXTS[16:24]]
         assert [r.status_code for r in one_connection_each(proc.url, more)] == [200] * 8
         assert sample(scrape(proc.url), "dynprompt_requests_total", model="pre", status="200") == 24
+
+
+def test_a_killed_http_process_leaves_nothing_behind(repo: Repo, tmp_path: Path) -> None:
+    """An HTTP process that dies with requests in flight (SIGKILL) takes them with it: the
+    core drops their queued rows instead of computing them, their admission permits come
+    back when the supervisor restarts the process (queue depth 0, the full limit again),
+    and no later scrape waits for the dead process."""
+    with start_server(
+        [
+            "--model-repository", str(repo[0]), "--workers", "2",
+            "--max-wait-ms", "3000", "--max-batch-size", "64", "--max-queue-requests", "16",
+        ],
+        log_dir=tmp_path,
+    ) as proc:  # fmt: skip
+        fronts = http_processes(proc)
+        assert len(fronts) == 2, fronts
+        bodies = [{"model": "pre", "inputs": [t]} for t in TEXTS[:16]]
+        answers: list[list[httpx.Response | BaseException]] = []
+
+        async def post_all() -> list[httpx.Response | BaseException]:
+            async def one(body: dict[str, Any]) -> httpx.Response:
+                async with httpx.AsyncClient(base_url=proc.url, timeout=60) as client:
+                    return await client.post("/v1/classify", json=body)
+
+            return list(await asyncio.gather(*(one(b) for b in bodies), return_exceptions=True))
+
+        sender = threading.Thread(target=lambda: answers.append(asyncio.run(post_all())))
+        sender.start()
+        deadline = time.monotonic() + 30
+        while sample(scrape(proc.url), "dynprompt_queue_depth") < len(bodies):
+            assert time.monotonic() < deadline, "requests never got in flight"
+            time.sleep(0.05)
+        os.kill(fronts[0], signal.SIGKILL)  # within the 3 s its rows wait for a batch
+        sender.join(60)
+        (responses,) = answers
+        served = [r for r in responses if isinstance(r, httpx.Response)]
+        lost = len(responses) - len(served)
+        assert [r.status_code for r in served] == [200] * len(served)
+        assert 0 < lost < len(bodies), "both processes should have held some of the requests"
+
+        deadline = time.monotonic() + 60
+        while len(http_processes(proc)) < 2:
+            assert time.monotonic() < deadline, "the killed HTTP process was not restarted"
+            time.sleep(0.1)
+        metrics = scrape(proc.url)
+        assert sample(metrics, "dynprompt_queue_depth") == 0  # the dead process's permits
+        assert sample(metrics, "dynprompt_batch_size_sum") == len(served)  # lost rows not run
+        messages = [r["msg"] for r in proc.log_records()]
+        dropped = [m for m in messages if "exited with" in m and "in flight" in m]
+        assert dropped == [f"an HTTP process exited with {lost} requests in flight; "
+                           "dropped their rows that had not started"]  # fmt: skip
+        assert not any("did not flush" in m for m in messages)  # no scrape waited for it
+        again = one_connection_each(proc.url, bodies)  # the whole limit is there again
+        assert [r.status_code for r in again] == [200] * len(bodies)
+
+
+def test_without_its_supervisor_the_server_drains_and_frees_the_port(
+    repo: Repo, tmp_path: Path
+) -> None:
+    """SIGKILL of the supervisor (nothing can catch it) must not leave the HTTP processes
+    and the engine core running on: they notice, finish the requests in flight, exit, and
+    the port is free again."""
+    proc = start_server(
+        [
+            "--model-repository", str(repo[0]), "--workers", "2",
+            "--max-wait-ms", "1500", "--max-batch-size", "64",
+        ],
+        log_dir=tmp_path,
+    )  # fmt: skip
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        served = [
+            int(pid)
+            for pid in children
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(served) == 3, children  # two HTTP processes and the engine core
+        bodies = [{"model": "pre", "inputs": [t]} for t in TEXTS[:8]]
+        answers: list[list[httpx.Response]] = []
+        sender = threading.Thread(
+            target=lambda: answers.append(one_connection_each(proc.url, bodies))
+        )
+        sender.start()
+        deadline = time.monotonic() + 30
+        while sample(scrape(proc.url), "dynprompt_queue_depth") < len(bodies):
+            assert time.monotonic() < deadline, "requests never got in flight"
+            time.sleep(0.05)
+        proc.kill()  # SIGKILL: the supervisor cannot drain anything
+        sender.join(60)
+        (responses,) = answers
+        assert [r.status_code for r in responses] == [200] * len(bodies)
+
+        def running(pid: int) -> bool:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except FileNotFoundError:
+                return False
+            return stat[stat.rindex(")") + 2] != "Z"  # a zombie has exited
+
+        deadline = time.monotonic() + 60
+        while any(running(pid) for pid in served):
+            assert time.monotonic() < deadline, "processes outlived their supervisor"
+            time.sleep(0.1)
+        with socket.socket() as probe:  # no process holds the port any more
+            probe.bind(("127.0.0.1", proc.port))
+        messages = [r["msg"] for r in proc.log_records()]
+        assert sum("is gone; draining and exiting" in m for m in messages) == 2
+        assert sum("is gone; stopping once the HTTP processes" in m for m in messages) == 1
+    finally:
+        proc.stop()
 
 
 def test_the_queue_limit_is_shared_by_the_processes(repo: Repo, tmp_path: Path) -> None:

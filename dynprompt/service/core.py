@@ -314,6 +314,21 @@ class EngineCore:
             job, worker = found
             worker.cancel(job)
 
+    def forget(self, target: ReplyTarget) -> int:
+        """A front end is gone (its process exited): drop its rows that have not started.
+        Returns how many of its requests were still queued or running."""
+        wrapper = self._targets.pop(id(target), None)
+        if wrapper is None:
+            return 0
+        key = id(wrapper)
+        mine = [k for k in list(self._jobs) if k[0] == key]
+        for k in mine:
+            found = self._jobs.pop(k, None)
+            if found is not None:
+                job, worker = found
+                worker.cancel(job)
+        return len(mine)
+
     def record(self, records: list[Record]) -> None:
         served = self.registry.current.models
         for record in records:

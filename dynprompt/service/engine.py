@@ -54,13 +54,16 @@ class CoreHandle(Protocol):
 class Admission:
     """Requests admitted at once, across every HTTP process; beyond `limit`, 429.
 
-    One process counts in a plain integer (only its event loop touches it); several
-    share a `multiprocessing.Value`, so the limit holds for the server as a whole.
+    One process counts in a plain integer (only its event loop touches it). Several
+    share a `multiprocessing.Array` with one slot per HTTP process, so the limit holds
+    for the server as a whole, and the permits of a process that dies can be handed
+    back (`free_slot`) instead of shrinking the limit for good.
     """
 
-    def __init__(self, limit: int, shared: Any = None) -> None:
+    def __init__(self, limit: int, shared: Any = None, slot: int = 0) -> None:
         self.limit = limit
         self._shared = shared
+        self._slot = slot
         self._count = 0
 
     def try_acquire(self) -> bool:
@@ -70,9 +73,9 @@ class Admission:
             self._count += 1
             return True
         with self._shared.get_lock():
-            if self._shared.value >= self.limit:
+            if sum(self._shared.get_obj()) >= self.limit:
                 return False
-            self._shared.value += 1
+            self._shared[self._slot] += 1
             return True
 
     def release(self) -> None:
@@ -80,10 +83,22 @@ class Admission:
             self._count -= 1
             return
         with self._shared.get_lock():
-            self._shared.value -= 1
+            self._shared[self._slot] -= 1
 
     def value(self) -> float:
-        return float(self._count if self._shared is None else self._shared.value)
+        return float(self._count if self._shared is None else shared_count(self._shared))
+
+
+def shared_count(shared: Any) -> int:
+    """Requests admitted now by every HTTP process (a shared `Admission` array)."""
+    with shared.get_lock():
+        return sum(shared.get_obj())
+
+
+def free_slot(shared: Any, slot: int) -> None:
+    """An HTTP process died: the requests it had admitted are no longer in flight."""
+    with shared.get_lock():
+        shared[slot] = 0
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,13 @@ from dynprompt.service.connections import (
     raise_fd_limit,
     refuse_unfinished_uploads,
 )
-from dynprompt.service.engine import Admission, CoreHandle, Engine
+from dynprompt.service.engine import Admission, CoreHandle, Engine, free_slot, shared_count
 from dynprompt.service.logs import configure_logging
 
 log = logging.getLogger("dynprompt.service")
+
+# How often a process of a `--workers N` server checks that its supervisor is still there.
+ORPHAN_CHECK_S = 0.5
 
 
 class DrainingServer(uvicorn.Server):
@@ -55,12 +58,14 @@ class DrainingServer(uvicorn.Server):
         drain_timeout_s: float,
         reload_on_hup: bool = False,
         ignore_sigint: bool = False,
+        parent: int | None = None,
     ) -> None:
         super().__init__(config)
         self.engine = engine
         self.drain_timeout_s = drain_timeout_s
         self.reload_on_hup = reload_on_hup
         self.ignore_sigint = ignore_sigint
+        self.parent = parent  # the supervisor's pid (--workers N): drain if it goes away
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
@@ -71,7 +76,17 @@ class DrainingServer(uvicorn.Server):
         if self.reload_on_hup:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 self._loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        if self.parent is not None:
+            self._spawn(self._watch_parent(self.parent))
         await super().serve(sockets)
+
+    async def _watch_parent(self, parent: int) -> None:
+        """Drain and exit when the supervisor is gone (killed with SIGKILL, say): nothing
+        would restart this process or stop it, and it would keep the port."""
+        while os.getppid() == parent:
+            await asyncio.sleep(ORPHAN_CHECK_S)
+        log.warning("the supervisor (pid %d) is gone; draining and exiting", parent)
+        self.handle_exit(signal.SIGTERM, None)
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: rescanning the model repository")
@@ -221,19 +236,19 @@ def serve_single(settings: Settings) -> int:
 # --------------------------------------------------------------------------- several
 
 
-def _core_process(settings: Settings, address: str, shared: Any) -> None:
+def _core_process(settings: Settings, address: str, shared: Any, parent: int) -> None:
     configure_logging(settings.log_level, settings.log_format)
     from dynprompt.service.core import EngineCore, backbone_loader
     from dynprompt.service.transport import serve_core
 
     _prepare_torch(settings)
-    core = EngineCore(settings, backbone_loader(settings), lambda: float(shared.value))
+    core = EngineCore(settings, backbone_loader(settings), lambda: float(shared_count(shared)))
 
     def load() -> None:
         core.load(settings.repository)
         settle_heap()
 
-    sys.exit(serve_core(core, address, load))
+    sys.exit(serve_core(core, address, load, parent, settings.drain_timeout_s + 5))
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
@@ -252,12 +267,14 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _front_process(settings: Settings, port: int, address: str, shared: Any) -> None:
+def _front_process(
+    settings: Settings, port: int, address: str, shared: Any, slot: int, parent: int
+) -> None:
     configure_logging(settings.log_level, settings.log_format)
     from dynprompt.service.app import create_app
     from dynprompt.service.transport import RemoteCore
 
-    engine = Engine(settings, Admission(settings.max_queue_requests, shared))
+    engine = Engine(settings, Admission(settings.max_queue_requests, shared, slot))
 
     @contextlib.asynccontextmanager
     async def connect() -> AsyncIterator[CoreHandle]:
@@ -273,6 +290,7 @@ def _front_process(settings: Settings, port: int, address: str, shared: Any) -> 
         engine,
         settings.drain_timeout_s,
         ignore_sigint=True,
+        parent=parent,
     )
     server.run(sockets=[reuseport_socket(settings.host, port)])
     sys.exit(server.exit_code)
@@ -287,20 +305,24 @@ def supervise(settings: Settings, workers: int) -> int:
     port = sock.getsockname()[1]
     folder = tempfile.mkdtemp(prefix="dynprompt-")  # 0700: only this user reaches the core
     address = f"ipc://{folder}/core"
-    shared = spawn.Value("i", 0)
+    shared = spawn.Array("i", workers)  # requests admitted, per HTTP process
     core = spawn.Process(
-        target=_core_process, args=(settings, address, shared), name="dynprompt-core"
+        target=_core_process,
+        args=(settings, address, shared, os.getpid()),
+        name="dynprompt-core",
     )
     core.start()
 
-    def front() -> multiprocessing.process.BaseProcess:
+    def front(slot: int) -> multiprocessing.process.BaseProcess:
         process = spawn.Process(
-            target=_front_process, args=(settings, port, address, shared), name="dynprompt-http"
+            target=_front_process,
+            args=(settings, port, address, shared, slot, os.getpid()),
+            name="dynprompt-http",
         )
         process.start()
         return process
 
-    fronts = [front() for _ in range(workers)]
+    fronts = [front(slot) for slot in range(workers)]
     log.info(
         "serving on %s:%d with %d HTTP processes (pids %s) and engine process %d",
         settings.host, port, workers,
@@ -357,7 +379,8 @@ def supervise(settings: Settings, workers: int) -> int:
                         break
                     log.error("HTTP process %s exited with %s; restarting", process.pid,
                               process.exitcode)  # fmt: skip
-                    fronts[i] = front()
+                    free_slot(shared, i)  # its requests died with it
+                    fronts[i] = front(i)
     finally:
         for process in fronts:
             process.join(30)

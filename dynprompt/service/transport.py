@@ -23,7 +23,9 @@ a frame of its own, so the core is woken about once per front-end iteration, not
 once per request. That alone would let a scrape answered through another HTTP
 process miss a request whose answer its client already holds; so before rendering
 the metrics the core fences: it asks every other front end to flush, and renders
-once each has answered (or `FENCE_S` has passed: a front end that is gone).
+once each has answered (or `FENCE_S` has passed: a front end that is gone). A front
+end whose process has exited is forgotten within `PEER_CHECK_S`: its rows that have
+not started are dropped, and no fence waits for it.
 
 Messages, front end -> core: ("s", Submission fields) submit, ("c", ticket) cancel,
 ("r", Record fields) a finished request's metrics, ("q", call id, method, args) a
@@ -55,6 +57,8 @@ log = logging.getLogger("dynprompt.service.transport")
 PICKLE = pickle.HIGHEST_PROTOCOL
 # How long a metrics scrape waits for the other front ends' records (see the fence above).
 FENCE_S = 0.25
+# How often the core looks for front ends whose process has exited.
+PEER_CHECK_S = 0.5
 
 
 class LocalCore:
@@ -102,6 +106,9 @@ class LocalCore:
         await asyncio.to_thread(self.core.stop, 10.0)
 
 
+_IDENTITIES = itertools.count(1)
+
+
 class RemoteCore:
     """The engine core in another process, over a ZeroMQ DEALER socket."""
 
@@ -113,6 +120,8 @@ class RemoteCore:
         self.context = zmq.asyncio.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 2000)
+        # "pid:n": the core tells from the pid that this process has exited.
+        self.socket.setsockopt(zmq.IDENTITY, b"%d:%d" % (os.getpid(), next(_IDENTITIES)))
         self.socket.connect(address)
         self._pending: dict[int, asyncio.Future[Answer]] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
@@ -218,7 +227,9 @@ class CoreServer:
     they queue outgoing frames and wake this loop through a pipe.
     """
 
-    def __init__(self, core: Any, address: str) -> None:
+    def __init__(
+        self, core: Any, address: str, parent: int | None = None, orphan_grace_s: float = 35.0
+    ) -> None:
         import zmq
 
         self.zmq = zmq
@@ -236,6 +247,10 @@ class CoreServer:
         self._fences: list[_Fence] = []
         self._fence_numbers = itertools.count(1)
         self._silent: set[bytes] = set()  # front ends that let a fence expire: not waited for
+        self._peers_checked = time.monotonic()
+        self.parent = parent  # the supervisor's pid
+        self.orphan_grace_s = orphan_grace_s
+        self._orphaned: float | None = None  # when the supervisor was found gone
 
     def post(self, identity: bytes, message: tuple[Any, ...]) -> None:
         """Queue a frame for a front end (any thread)."""
@@ -267,6 +282,9 @@ class CoreServer:
                     while os.read(self._wake_read, 4096):
                         pass
             self._send_all()
+            if time.monotonic() - self._peers_checked >= PEER_CHECK_S:
+                self._check_peers()
+                self._check_parent()
         self._send_all()
         self.socket.close()
         self.context.term()
@@ -289,6 +307,47 @@ class CoreServer:
                 target = self._targets[identity] = _RemoteTarget(identity, self)
             self._silent.discard(identity)
             self._handle(target, pickle.loads(frame))
+
+    def _check_peers(self) -> None:
+        """Forget the front ends whose process has exited (their identity names their pid).
+
+        ZeroMQ does not tell a ROUTER that a peer went away (that notice is a draft option
+        the bundled libzmq lacks), and the supervisor restarts a dead HTTP process under a
+        new pid: without this, the dead one's queued rows would still be computed and every
+        scrape would wait `FENCE_S` for it once.
+        """
+        self._peers_checked = time.monotonic()
+        for identity in list(self._targets):
+            try:
+                os.kill(int(identity.split(b":")[0]), 0)
+            except ProcessLookupError:
+                self._gone(identity)
+            except (PermissionError, ValueError):
+                pass
+
+    def _check_parent(self) -> None:
+        """Without its supervisor nobody would stop this process: stop once the HTTP
+        processes (which drain when they notice the same) are gone."""
+        if self.parent is None or os.getppid() == self.parent:
+            return
+        now = time.monotonic()
+        if self._orphaned is None:
+            self._orphaned = now
+            log.warning("the supervisor (pid %d) is gone; stopping once the HTTP processes "
+                        "have drained", self.parent)  # fmt: skip
+        if not self._targets or now - self._orphaned > self.orphan_grace_s:
+            self._stop.set()
+
+    def _gone(self, identity: bytes) -> None:
+        target = self._targets.pop(identity, None)
+        self._silent.discard(identity)
+        for fence in self._fences:
+            fence.waiting.discard(identity)
+        if target is not None:
+            dropped = self.core.forget(target)
+            if dropped:
+                log.warning("an HTTP process exited with %d requests in flight; "
+                            "dropped their rows that had not started", dropped)  # fmt: skip
 
     def _handle(self, target: _RemoteTarget, messages: list[tuple[Any, ...]]) -> None:
         core = self.core
@@ -340,6 +399,7 @@ class CoreServer:
             # The caller's own records came before this call in its frames; every other
             # front end flushes first (the fence), so a scrape counts every request
             # answered before it, whichever process answered it.
+            self._check_peers()
             others = set(self._targets) - {target.identity} - self._silent
             if others:
                 number = next(self._fence_numbers)
@@ -350,13 +410,17 @@ class CoreServer:
         reply()
 
 
-def serve_core(core: Any, address: str, load: Any) -> int:
+def serve_core(
+    core: Any, address: str, load: Any, parent: int | None = None, orphan_grace_s: float = 35.0
+) -> int:
     """Run a core process: bind, load the models in the background, serve until SIGTERM.
 
     `load` loads and warms the repository (it raises if nothing can be served, and the
-    process then exits 1 so that the supervisor stops the server). SIGHUP reloads.
+    process then exits 1 so that the supervisor stops the server). SIGHUP reloads. If the
+    supervisor (`parent`) goes away, the core serves its HTTP processes while they drain
+    (they notice too), and stops once none is left or after `orphan_grace_s`.
     """
-    server = CoreServer(core, address)
+    server = CoreServer(core, address, parent, orphan_grace_s)
     failed = threading.Event()
 
     def loading() -> None:
