@@ -293,6 +293,42 @@ def test_without_its_supervisor_the_server_drains_and_frees_the_port(
         proc.stop()
 
 
+def test_requests_in_flight_get_503_when_the_engine_core_dies(repo: Repo, tmp_path: Path) -> None:
+    """If the engine core dies, the requests waiting on it are answered 503 at once (not
+    left hanging until the drain times out), and the server exits 1."""
+    proc = start_server(
+        [
+            "--model-repository", str(repo[0]), "--workers", "2",
+            "--max-wait-ms", "3000", "--max-batch-size", "64", "--drain-timeout-s", "60",
+        ],
+        log_dir=tmp_path,
+    )  # fmt: skip
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        (core,) = [pid for pid in children if "libtorch" in Path(f"/proc/{pid}/maps").read_text()]
+        bodies = [{"model": "pre", "inputs": [t]} for t in TEXTS[:8]]
+        answers: list[list[httpx.Response]] = []
+        sender = threading.Thread(
+            target=lambda: answers.append(one_connection_each(proc.url, bodies))
+        )
+        sender.start()
+        deadline = time.monotonic() + 30
+        while sample(scrape(proc.url), "dynprompt_queue_depth") < len(bodies):
+            assert time.monotonic() < deadline, "requests never got in flight"
+            time.sleep(0.05)
+        os.kill(int(core), signal.SIGKILL)
+        sender.join(30)  # well within the 60 s drain
+        assert not sender.is_alive(), "requests hung after the engine core died"
+        (responses,) = answers
+        assert [r.status_code for r in responses] == [503] * len(bodies)
+        for r in responses:
+            error = r.json()["error"]
+            assert error["type"] == "not_ready" and "engine process exited" in error["message"]
+        assert proc.wait(60) == 1
+    finally:
+        proc.stop()
+
+
 def test_the_queue_limit_is_shared_by_the_processes(repo: Repo, tmp_path: Path) -> None:
     with start_server(
         [

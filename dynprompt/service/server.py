@@ -268,7 +268,7 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 
 def _front_process(
-    settings: Settings, port: int, address: str, shared: Any, slot: int, parent: int
+    settings: Settings, port: int, address: str, shared: Any, slot: int, parent: int, core: int
 ) -> None:
     configure_logging(settings.log_level, settings.log_format)
     from dynprompt.service.app import create_app
@@ -278,7 +278,7 @@ def _front_process(
 
     @contextlib.asynccontextmanager
     async def connect() -> AsyncIterator[CoreHandle]:
-        handle = RemoteCore(address)
+        handle = RemoteCore(address, core_pid=core)
         settle_heap()
         try:
             yield handle
@@ -316,7 +316,7 @@ def supervise(settings: Settings, workers: int) -> int:
     def front(slot: int) -> multiprocessing.process.BaseProcess:
         process = spawn.Process(
             target=_front_process,
-            args=(settings, port, address, shared, slot, os.getpid()),
+            args=(settings, port, address, shared, slot, os.getpid(), core.pid),
             name="dynprompt-http",
         )
         process.start()

@@ -50,7 +50,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dynprompt.service.protocol import Answer, CoreError, Record, RowAnswer, Submission
+from dynprompt.service.protocol import (
+    NOT_READY,
+    Answer,
+    CoreError,
+    Record,
+    RowAnswer,
+    Submission,
+)
 
 log = logging.getLogger("dynprompt.service.transport")
 
@@ -110,9 +117,14 @@ _IDENTITIES = itertools.count(1)
 
 
 class RemoteCore:
-    """The engine core in another process, over a ZeroMQ DEALER socket."""
+    """The engine core in another process, over a ZeroMQ DEALER socket.
 
-    def __init__(self, address: str) -> None:
+    Given the core's pid, it watches that process: if the core dies, every request
+    waiting on it, and every one after, is answered 503 at once instead of hanging until
+    the drain times out (the supervisor stops the server when its core is gone).
+    """
+
+    def __init__(self, address: str, core_pid: int | None = None) -> None:
         import zmq
         import zmq.asyncio
 
@@ -128,6 +140,30 @@ class RemoteCore:
         self._call_ids = itertools.count(1)
         self._out: list[tuple[Any, ...]] = []
         self._reader: asyncio.Task[None] | None = None
+        self._dead: str | None = None  # why the core cannot answer any more
+        self._watcher = (
+            asyncio.ensure_future(self._watch(core_pid)) if core_pid is not None else None
+        )
+
+    async def _watch(self, pid: int) -> None:
+        while True:
+            await asyncio.sleep(PEER_CHECK_S)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+        self._dead = "the engine process exited; the server is stopping"
+        log.error("%s (pid %d was the engine)", self._dead, pid)
+        pending, self._pending = self._pending, {}
+        for ticket, future in pending.items():
+            if not future.done():
+                future.set_result(Answer(ticket, None, [], [], NOT_READY, self._dead))
+        calls, self._calls = self._calls, {}
+        for waiter in calls.values():
+            if not waiter.done():
+                waiter.set_exception(CoreError(NOT_READY, self._dead))
 
     def _send(self, message: tuple[Any, ...]) -> None:
         self._out.append(message)
@@ -164,6 +200,9 @@ class RemoteCore:
 
     def submit(self, sub: Submission) -> asyncio.Future[Answer]:
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        if self._dead is not None:
+            future.set_result(Answer(sub.ticket, None, [], [], NOT_READY, self._dead))
+            return future
         self._pending[sub.ticket] = future
         self._send(("s", tuple(sub)))
         return future
@@ -176,6 +215,8 @@ class RemoteCore:
         self._send(("r", tuple(record)))  # flushed with this iteration's frame
 
     async def call(self, method: str, *args: Any) -> Any:
+        if self._dead is not None:
+            raise CoreError(NOT_READY, self._dead)
         call_id = next(self._call_ids)
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = waiter
@@ -184,10 +225,11 @@ class RemoteCore:
 
     async def close(self) -> None:
         self.flush()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.socket.close()
         self.context.term()
 
