@@ -65,6 +65,8 @@ class Admission:
         self._shared = shared
         self._slot = slot
         self._count = 0
+        if shared is not None:  # the raw array under its one lock: no re-locking per item
+            self._lock, self._counts = shared.get_lock(), shared.get_obj()
 
     def try_acquire(self) -> bool:
         if self._shared is None:
@@ -72,18 +74,18 @@ class Admission:
                 return False
             self._count += 1
             return True
-        with self._shared.get_lock():
-            if sum(self._shared.get_obj()) >= self.limit:
+        with self._lock:
+            if sum(self._counts) >= self.limit:
                 return False
-            self._shared[self._slot] += 1
+            self._counts[self._slot] += 1
             return True
 
     def release(self) -> None:
         if self._shared is None:
             self._count -= 1
             return
-        with self._shared.get_lock():
-            self._shared[self._slot] -= 1
+        with self._lock:
+            self._counts[self._slot] -= 1
 
     def value(self) -> float:
         return float(self._count if self._shared is None else shared_count(self._shared))

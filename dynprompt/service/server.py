@@ -4,7 +4,8 @@
 one process; the core's threads run the batches. `supervise` (`--workers N`): this
 process binds the port, starts one engine-core process and N HTTP processes that share
 the port, and watches them (an HTTP process that dies is restarted; if the core dies,
-the server stops with exit 1).
+the requests waiting on it get 503 and the server stops with exit 1). They watch it in
+turn: if this process is killed, they drain and exit instead of keeping the port.
 
 SIGHUP rescans the model repository (as `POST /v1/admin/reload` does). SIGTERM (or
 Ctrl-C) starts a drain: `/ready` and new classify requests answer 503, requests already

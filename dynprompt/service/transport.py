@@ -116,6 +116,17 @@ class LocalCore:
 _IDENTITIES = itertools.count(1)
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (a child exited but not yet reaped still does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class RemoteCore:
     """The engine core in another process, over a ZeroMQ DEALER socket.
 
@@ -146,14 +157,8 @@ class RemoteCore:
         )
 
     async def _watch(self, pid: int) -> None:
-        while True:
+        while alive(pid):
             await asyncio.sleep(PEER_CHECK_S)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            except PermissionError:
-                pass
         self._dead = "the engine process exited; the server is stopping"
         log.error("%s (pid %d was the engine)", self._dead, pid)
         pending, self._pending = self._pending, {}
@@ -360,12 +365,9 @@ class CoreServer:
         """
         self._peers_checked = time.monotonic()
         for identity in list(self._targets):
-            try:
-                os.kill(int(identity.split(b":")[0]), 0)
-            except ProcessLookupError:
+            pid = identity.split(b":")[0]
+            if pid.isdigit() and not alive(int(pid)):
                 self._gone(identity)
-            except (PermissionError, ValueError):
-                pass
 
     def _check_parent(self) -> None:
         """Without its supervisor nobody would stop this process: stop once the HTTP
