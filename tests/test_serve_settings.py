@@ -511,3 +511,37 @@ def test_a_user_may_still_turn_the_hub_on() -> None:
         capture_output=True, text=True, timeout=60, cwd=REPO, env=env,
     )  # fmt: skip
     assert done.stdout.split() == ["0", "1"], done.stderr
+
+
+_POOL_SCRIPT = """
+import os, sys
+from dynprompt.models import load_backbone
+from dynprompt.service.config import Settings
+from dynprompt.service.server import prepare_threads
+
+settings = {"threads": 1}
+if sys.argv[1] != "default":
+    settings["tokenizer_threads"] = int(sys.argv[1])
+prepare_threads(Settings.model_validate(settings))
+backbone = load_backbone("minilm")
+backbone.tokenize_rows([f"a fine film about {i} people" for i in range(256)], None, 128)
+print(len(os.listdir("/proc/self/task")))  # every thread of this process
+"""
+
+
+def test_tokenizer_threads_size_the_tokenizers_own_pool() -> None:
+    """`--tokenizer-threads N`: the fast tokenizer tokenises batches on N threads (its
+    Rust pool); unset, it keeps the library's default. Everything else in the process is
+    the same, so its thread count differs by the pool's size alone."""
+
+    def pool(value: str) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
+        done = subprocess.run(
+            [sys.executable, "-c", _POOL_SCRIPT, value],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        return int(done.stdout.split()[-1])
+
+    one = pool("1")
+    assert pool("3") - one == 2
+    assert pool("default") - one == len(os.sched_getaffinity(0)) - 1  # one per core

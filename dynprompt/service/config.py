@@ -121,8 +121,12 @@ class Settings(BaseModel):
         "N > 1: N HTTP processes share the port in front of one engine process (one queue, "
         "one set of metrics)",
     )
-    tokenizer_threads: int = Field(
-        2, ge=1, le=64, description="threads that tokenise requests off the event loop"
+    tokenizer_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="threads of the fast tokenizer (Rust) that tokenise each batch; on a "
+        "busy CPU one costs less CPU per sentence, more are faster on idle cores",
     )
     max_batch_size: int = Field(32, ge=1, le=4096, description="most rows in one forward")
     max_batch_tokens: int = Field(
@@ -361,6 +365,7 @@ _SHOWN_DEFAULTS = {
     "model_repository": "the shipped default model, dynprompt/default_model/",
     "poll_s": "off",
     "threads": "all cores",
+    "tokenizer_threads": "all cores",
     "workers": "1 on a CPU; on a GPU half the cores, at most 8",
     "max_input_chars": "none",
     "padding_budget_tokens": "learned from the batches run",

@@ -175,11 +175,18 @@ def settle_heap() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def _prepare_torch(settings: Settings) -> None:
+def prepare_threads(settings: Settings) -> None:
+    """Thread pools of the process that computes: torch's, and the fast tokenizer's.
+
+    The tokenizer's pool (Rust's rayon) sizes itself from `RAYON_NUM_THREADS` when it
+    first runs, which is after this: the models load later.
+    """
     import torch
     from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(settings.threads or len(os.sched_getaffinity(0)))
+    if settings.tokenizer_threads is not None:
+        os.environ["RAYON_NUM_THREADS"] = str(settings.tokenizer_threads)
     hf_logging.disable_progress_bar()  # the weight-loading bar is not a log line
 
 
@@ -192,7 +199,7 @@ def serve_single(settings: Settings) -> int:
     from dynprompt.service.core import EngineCore, backbone_loader
     from dynprompt.service.transport import LocalCore
 
-    _prepare_torch(settings)
+    prepare_threads(settings)
     admission = Admission(settings.max_queue_requests)
     engine = Engine(settings, admission)
     servers: list[DrainingServer] = []  # made below; the loader's failure stops it
@@ -242,7 +249,7 @@ def _core_process(settings: Settings, address: str, shared: Any, parent: int) ->
     from dynprompt.service.core import EngineCore, backbone_loader
     from dynprompt.service.transport import serve_core
 
-    _prepare_torch(settings)
+    prepare_threads(settings)
     core = EngineCore(settings, backbone_loader(settings), lambda: float(shared_count(shared)))
 
     def load() -> None:
