@@ -3,6 +3,8 @@
     dynprompt bench gpu [--duration 10] [--dtypes float16 bfloat16] [--workers N]
 
 Where no CUDA device is present it says so and exits 0 (nothing to measure on a CPU).
+`--device cpu` with small `--rows` and `--loads` runs every step on the CPU instead, as
+a smoke run of this script (the tests do), not as a measurement.
 On a GPU, with the shipped default model (MiniLM, a 50-token `instance_position`
 prompt, `backbone` router features) and SST-2 dev sentences, for each dtype:
 
@@ -46,28 +48,37 @@ from tests.server_util import sample, scrape, start_server
 PROMPT = 50
 
 
-def rate(run: Callable[[int], int], seconds: float) -> float:
+def rate(run: Callable[[int], int], seconds: float, device: str) -> float:
     """Rows per second of `run(i)` (which returns the rows it did), synchronised."""
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     run(0)
-    torch.cuda.synchronize()
+    sync()
     done, i, start = 0, 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         done += run(i)
         i += 1
-    torch.cuda.synchronize()
+    sync()
     return done / (time.perf_counter() - start)
 
 
-def offline(dtype: str, sentences: list[str], seconds: float) -> dict[str, float]:
+def offline(
+    device: str, dtype: str, sentences: list[str], seconds: float, sizes: list[int]
+) -> dict[str, float]:
+    """The bare backbone's rows/s at the two largest `sizes` and the batch pipeline's at
+    each of them (as `bare_N` and `pipeline_N`)."""
     checkpoint = DEFAULT_REPOSITORY / "sst2"
-    backbone = load_backbone("minilm", "cuda", getattr(torch, dtype))
+    backbone = load_backbone("minilm", device, getattr(torch, dtype))
     model = load_checkpoint(checkpoint, backbone=backbone)
     rows = sorted(
         backbone.tokenize_rows(sentences, None, model.config.input.max_length),
         key=lambda r: len(r.input_ids),
     )
     out: dict[str, float] = {}
-    for batch in (128, 512):
+    for batch in sizes[-2:]:
         batches = [backbone.collate(rows[i : i + batch]) for i in range(0, len(rows), batch)]
 
         def bare(i: int, batches: list[Encoded] = batches) -> int:
@@ -82,9 +93,10 @@ def offline(dtype: str, sentences: list[str], seconds: float) -> dict[str, float
                 backbone._hidden_states(x, mask, None)
             return int(rows_)
 
-        out[f"bare_{batch}"] = rate(bare, seconds)
-    backbone.use_buckets(max_rows=512, capture=True)
-    for batch in (32, 128, 512):
+        out[f"bare_{batch}"] = rate(bare, seconds, device)
+    if device.startswith("cuda"):  # as the server runs it there
+        backbone.use_buckets(max_rows=max(sizes), capture=True)
+    for batch in sizes:
         batches = [backbone.collate(rows[i : i + batch]) for i in range(0, len(rows), batch)]
 
         def pipeline(i: int, batches: list[Encoded] = batches) -> int:
@@ -92,7 +104,7 @@ def offline(dtype: str, sentences: list[str], seconds: float) -> dict[str, float
             classify_rows(backbone, [model] * encoded.input_ids.shape[0], encoded)
             return int(encoded.input_ids.shape[0])
 
-        out[f"pipeline_{batch}"] = rate(pipeline, seconds)
+        out[f"pipeline_{batch}"] = rate(pipeline, seconds, device)
     return out
 
 
@@ -111,6 +123,9 @@ def load(url: str, sentences: list[str], clients: int, seconds: float, inputs: i
         parts = list(pool.map(_client, [(url, sentences, n, seconds, inputs) for n in shares]))
     merged = LoadResult(clients, min(p.seconds for p in parts), 0, 0)
     for part in parts:
+        refused = {status: n for status, n in part.statuses.items() if status != 200}
+        if refused:  # a fast 503 is not throughput
+            raise SystemExit(f"{clients} clients x {inputs}: non-200 answers {refused}")
         merged.requests += part.requests
         merged.sentences += part.sentences
         merged.statuses.update(part.statuses)
@@ -127,18 +142,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--workers", type=int, default=None, help="server HTTP processes")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", default=[32, 128, 512],
+        help="batch sizes of the pipeline; the two largest also for the bare ceiling",
+    )  # fmt: skip
+    parser.add_argument(
+        "--loads", nargs="+", default=["1x1", "64x1", "256x1", "16x32"],
+        help="server load points, CLIENTSxSENTENCES (sentences per request)",
+    )  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("dynprompt bench gpu: no CUDA device here; nothing to measure on a CPU.")
         return 0
-    device = torch.cuda.get_device_name(0)
+    sizes = sorted(args.rows)
+    loads = [tuple(int(n) for n in load.split("x")) for load in args.loads]
+    device = (
+        torch.cuda.get_device_name(0)
+        if args.device.startswith("cuda")
+        else "CPU (a smoke run of this script, not a GPU figure)"
+    )
     sentences = sst2_sentences()
     lines = [
         f"## GPU serving on {device} (`dynprompt bench gpu`)",
         "",
-        f"`python -m benchmarks.gpu --duration {args.duration:g} "
-        f"--dtypes {' '.join(args.dtypes)}`; the shipped default model (MiniLM, 50-token "
+        f"`python -m benchmarks.gpu {' '.join(argv if argv is not None else sys.argv[1:])}`; "
+        "the shipped default model (MiniLM, 50-token "
         "`instance_position` prompt, backbone router features), SST-2 dev sentences; "
         f"{os.cpu_count()} CPU cores.",
         "",
@@ -148,29 +178,35 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for dtype in args.dtypes:
         print(f"{dtype}: offline", flush=True)
-        figures = offline(dtype, sentences, args.duration)
+        figures = offline(args.device, dtype, sentences, args.duration, sizes)
         for name, value in figures.items():
             lines.append(f"| {dtype} | {name.replace('_', ' at ')} rows | {value:,.0f} | | | | | |")
-        ratio = figures["pipeline_512"] / figures["bare_512"]
+        top = sizes[-1]
+        ceiling = figures[f"bare_{top}"]
+        ratio = figures[f"pipeline_{top}"] / ceiling
         lines.append(
-            f"| {dtype} | pipeline / bare at 512 (goal ≥ 0.7) | **{ratio:.2f}** | | | | | |"
+            f"| {dtype} | pipeline / bare at {top} (goal ≥ 0.7) | **{ratio:.2f}** | | | | | |"
         )
-        serve_args = ["--model-repository", str(DEFAULT_REPOSITORY), "--device", "cuda"]
-        serve_args += ["--dtype", dtype, "--max-batch-size", "512", "--max-wait-ms", "0"]
+        serve_args = ["--model-repository", str(DEFAULT_REPOSITORY), "--device", args.device]
+        serve_args += ["--dtype", dtype, "--max-batch-size", str(top), "--max-wait-ms", "0"]
         if args.workers:
             serve_args += ["--workers", str(args.workers)]
         with start_server(serve_args, log_dir=Path("/tmp") / "dynprompt-gpu-bench") as server:
-            for clients, inputs in ((1, 1), (64, 1), (256, 1), (16, 32)):
+            for clients, inputs in loads:
                 print(f"{dtype}: server, {clients} clients x {inputs}", flush=True)
                 # CPU per request, all processes and the engine core's alone (its
                 # `process_*` series): which side of the server a shortfall comes from.
                 before, cpu = scrape(server.url), tree_cpu_seconds(server.pid)
                 result = load(server.url, sentences, clients, args.duration, inputs)
                 cpu, after = tree_cpu_seconds(server.pid) - cpu, scrape(server.url)
+                if not result.latencies_ms:
+                    raise SystemExit(
+                        f"{clients} clients x {inputs}: nothing answered in {args.duration:g} s"
+                    )
                 name = "process_cpu_seconds_total"
                 core = sample(after, name) - sample(before, name)
                 done = max(result.answered // inputs, 1)  # the CPU spans the warm-up too
-                share = result.sentences_per_s / figures["bare_512"]
+                share = result.sentences_per_s / ceiling
                 note = f" ({share:.0%} of the ceiling)" if inputs > 1 else ""
                 lines.append(
                     f"| {dtype} | server, {clients} clients × {inputs} sentence(s){note} | "
