@@ -8,6 +8,8 @@ as a whole: one admission limit, one drain, one reload, one count per request.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import multiprocessing
 import os
 import signal
 import socket
@@ -21,6 +23,7 @@ import httpx
 import pytest
 
 from dynprompt.models import Backbone, DynPromptModel, save_checkpoint, weights_checksum
+from dynprompt.service.engine import Admission, SharedCounts
 from tests.server_util import (
     ServerProcess,
     assert_result_matches,
@@ -327,6 +330,40 @@ def test_requests_in_flight_get_503_when_the_engine_core_dies(repo: Repo, tmp_pa
         assert proc.wait(60) == 1
     finally:
         proc.stop()
+
+
+def _hold_the_lock(path: str, holding: Any) -> None:
+    """In a child: take the admission lock as `Admission.try_acquire` does, and keep it."""
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    holding.set()
+    time.sleep(60)
+
+
+def test_admission_survives_a_process_killed_while_admitting(tmp_path: Path) -> None:
+    """A process killed inside its few microseconds of admitting (the OOM killer, kill -9)
+    must not leave the lock taken: the other processes would block on it forever, their
+    event loops with them. The lock is a flock, which the kernel drops with its holder."""
+    spawn = multiprocessing.get_context("spawn")
+    shared = SharedCounts.create(spawn, 2, str(tmp_path))
+    holding = spawn.Event()
+    holder = spawn.Process(target=_hold_the_lock, args=(shared.lock_path, holding))
+    holder.start()
+    assert holding.wait(60), "the child never took the lock"
+    assert holder.pid is not None
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(30)
+    admission = Admission(2, shared, slot=0)
+    admitted: list[bool] = []
+    trying = threading.Thread(
+        target=lambda: admitted.extend(admission.try_acquire() for _ in range(3)), daemon=True
+    )
+    trying.start()
+    trying.join(10)
+    assert admitted == [True, True, False]  # not blocked, and the limit still holds
+    assert shared.total() == 2
+    shared.free(0)
+    assert shared.total() == 0 and admission.try_acquire()
 
 
 def test_the_queue_limit_is_shared_by_the_processes(repo: Repo, tmp_path: Path) -> None:

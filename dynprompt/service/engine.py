@@ -11,8 +11,10 @@ byte to its last and records it — metrics and the access log line — in one p
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -51,22 +53,48 @@ class CoreHandle(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class SharedCounts:
+    """Requests admitted now, one slot per HTTP process, in shared memory (`--workers N`).
+
+    Each slot has one writer, its process; only admitting (read every slot, then add to
+    one's own) must exclude the other processes, and that takes `flock` on `lock_path`.
+    The kernel releases a flock when its holder dies, where a semaphore (a
+    `multiprocessing.Lock`) held by a killed process would stay taken and freeze every
+    other process's admission for good. A dead process's slot is zeroed by the
+    supervisor (`free`), so its permits come back too.
+    """
+
+    counts: Any  # multiprocessing.RawArray("i", workers)
+    lock_path: str
+
+    @classmethod
+    def create(cls, context: Any, workers: int, folder: str) -> SharedCounts:
+        path = os.path.join(folder, "admission.lock")
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        return cls(context.RawArray("i", workers), path)
+
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def free(self, slot: int) -> None:
+        """Slot `slot`'s process has exited: the requests it admitted are not in flight."""
+        self.counts[slot] = 0
+
+
 class Admission:
     """Requests admitted at once, across every HTTP process; beyond `limit`, 429.
 
-    One process counts in a plain integer (only its event loop touches it). Several
-    share a `multiprocessing.Array` with one slot per HTTP process, so the limit holds
-    for the server as a whole, and the permits of a process that dies can be handed
-    back (`free_slot`) instead of shrinking the limit for good.
+    One process counts in a plain integer (only its event loop touches it); several
+    share `SharedCounts`, so the limit holds for the server as a whole.
     """
 
-    def __init__(self, limit: int, shared: Any = None, slot: int = 0) -> None:
+    def __init__(self, limit: int, shared: SharedCounts | None = None, slot: int = 0) -> None:
         self.limit = limit
         self._shared = shared
         self._slot = slot
         self._count = 0
-        if shared is not None:  # the raw array under its one lock: no re-locking per item
-            self._lock, self._counts = shared.get_lock(), shared.get_obj()
+        self._lock_fd = os.open(shared.lock_path, os.O_RDWR) if shared is not None else -1
 
     def try_acquire(self) -> bool:
         if self._shared is None:
@@ -74,33 +102,24 @@ class Admission:
                 return False
             self._count += 1
             return True
-        with self._lock:
-            if sum(self._counts) >= self.limit:
+        counts = self._shared.counts
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            if sum(counts) >= self.limit:
                 return False
-            self._counts[self._slot] += 1
+            counts[self._slot] += 1
             return True
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def release(self) -> None:
         if self._shared is None:
             self._count -= 1
-            return
-        with self._lock:
-            self._counts[self._slot] -= 1
+        else:  # only this process writes its slot, and a lower count cannot overshoot
+            self._shared.counts[self._slot] -= 1
 
     def value(self) -> float:
-        return float(self._count if self._shared is None else shared_count(self._shared))
-
-
-def shared_count(shared: Any) -> int:
-    """Requests admitted now by every HTTP process (a shared `Admission` array)."""
-    with shared.get_lock():
-        return sum(shared.get_obj())
-
-
-def free_slot(shared: Any, slot: int) -> None:
-    """An HTTP process died: the requests it had admitted are no longer in flight."""
-    with shared.get_lock():
-        shared[slot] = 0
+        return float(self._count if self._shared is None else self._shared.total())
 
 
 @dataclass(frozen=True)

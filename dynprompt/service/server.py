@@ -40,7 +40,7 @@ from dynprompt.service.connections import (
     raise_fd_limit,
     refuse_unfinished_uploads,
 )
-from dynprompt.service.engine import Admission, CoreHandle, Engine, free_slot, shared_count
+from dynprompt.service.engine import Admission, CoreHandle, Engine, SharedCounts
 from dynprompt.service.logs import configure_logging
 
 log = logging.getLogger("dynprompt.service")
@@ -244,13 +244,13 @@ def serve_single(settings: Settings) -> int:
 # --------------------------------------------------------------------------- several
 
 
-def _core_process(settings: Settings, address: str, shared: Any, parent: int) -> None:
+def _core_process(settings: Settings, address: str, shared: SharedCounts, parent: int) -> None:
     configure_logging(settings.log_level, settings.log_format)
     from dynprompt.service.core import EngineCore, backbone_loader
     from dynprompt.service.transport import serve_core
 
     prepare_threads(settings)
-    core = EngineCore(settings, backbone_loader(settings), lambda: float(shared_count(shared)))
+    core = EngineCore(settings, backbone_loader(settings), lambda: float(shared.total()))
 
     def load() -> None:
         core.load(settings.repository)
@@ -276,7 +276,13 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 
 def _front_process(
-    settings: Settings, port: int, address: str, shared: Any, slot: int, parent: int, core: int
+    settings: Settings,
+    port: int,
+    address: str,
+    shared: SharedCounts,
+    slot: int,
+    parent: int,
+    core: int,
 ) -> None:
     configure_logging(settings.log_level, settings.log_format)
     from dynprompt.service.app import create_app
@@ -313,7 +319,7 @@ def supervise(settings: Settings, workers: int) -> int:
     port = sock.getsockname()[1]
     folder = tempfile.mkdtemp(prefix="dynprompt-")  # 0700: only this user reaches the core
     address = f"ipc://{folder}/core"
-    shared = spawn.Array("i", workers)  # requests admitted, per HTTP process
+    shared = SharedCounts.create(spawn, workers, folder)  # requests admitted, per process
     core = spawn.Process(
         target=_core_process,
         args=(settings, address, shared, os.getpid()),
@@ -387,7 +393,7 @@ def supervise(settings: Settings, workers: int) -> int:
                         break
                     log.error("HTTP process %s exited with %s; restarting", process.pid,
                               process.exitcode)  # fmt: skip
-                    free_slot(shared, i)  # its requests died with it
+                    shared.free(i)  # its requests died with it
                     fronts[i] = front(i)
     finally:
         for process in fronts:
