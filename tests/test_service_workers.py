@@ -59,17 +59,35 @@ def server(repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     assert proc.stop() == 0, proc.logs()[-3000:]
 
 
+async def _post_each(url: str, bodies: list[dict[str, Any]], errors_too: bool) -> list[Any]:
+    async def one(body: dict[str, Any]) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await client.post("/v1/classify", json=body)
+
+    return list(await asyncio.gather(*(one(b) for b in bodies), return_exceptions=errors_too))
+
+
 def one_connection_each(url: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
     """Every body on its own connection, all at once."""
+    return asyncio.run(_post_each(url, bodies, errors_too=False))
 
-    async def post_all() -> list[httpx.Response]:
-        async def one(body: dict[str, Any]) -> httpx.Response:
-            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-                return await client.post("/v1/classify", json=body)
 
-        return list(await asyncio.gather(*(one(b) for b in bodies)))
-
-    return asyncio.run(post_all())
+def in_flight(
+    server: ServerProcess, bodies: list[dict[str, Any]], errors_too: bool = False
+) -> tuple[threading.Thread, list[list[Any]]]:
+    """Send every body on its own connection from a thread, and return once the server has
+    admitted them all. The thread leaves its list of responses in the returned list (with
+    `errors_too`, a connection that broke leaves its exception instead)."""
+    answers: list[list[Any]] = []
+    sender = threading.Thread(
+        target=lambda: answers.append(asyncio.run(_post_each(server.url, bodies, errors_too)))
+    )
+    sender.start()
+    deadline = time.monotonic() + 30
+    while sample(scrape(server.url), "dynprompt_queue_depth") < len(bodies):
+        assert time.monotonic() < deadline, "requests never got in flight"
+        time.sleep(0.05)
+    return sender, answers
 
 
 def processes_that_answered(server: ServerProcess, status: int = 200) -> set[int]:
@@ -78,6 +96,13 @@ def processes_that_answered(server: ServerProcess, status: int = 200) -> set[int
         for rec in server.log_records()
         if rec.get("path") == "/v1/classify" and rec.get("status") == status
     }
+
+
+def engine_core_process(server: ServerProcess) -> int:
+    """The pid of the server's engine core: its one child that loaded torch."""
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    (core,) = [pid for pid in children if "libtorch" in Path(f"/proc/{pid}/maps").read_text()]
+    return int(core)
 
 
 def http_processes(server: ServerProcess) -> list[int]:
@@ -201,21 +226,7 @@ def test_a_killed_http_process_leaves_nothing_behind(repo: Repo, tmp_path: Path)
         fronts = http_processes(proc)
         assert len(fronts) == 2, fronts
         bodies = [{"model": "pre", "inputs": [t]} for t in TEXTS[:16]]
-        answers: list[list[httpx.Response | BaseException]] = []
-
-        async def post_all() -> list[httpx.Response | BaseException]:
-            async def one(body: dict[str, Any]) -> httpx.Response:
-                async with httpx.AsyncClient(base_url=proc.url, timeout=60) as client:
-                    return await client.post("/v1/classify", json=body)
-
-            return list(await asyncio.gather(*(one(b) for b in bodies), return_exceptions=True))
-
-        sender = threading.Thread(target=lambda: answers.append(asyncio.run(post_all())))
-        sender.start()
-        deadline = time.monotonic() + 30
-        while sample(scrape(proc.url), "dynprompt_queue_depth") < len(bodies):
-            assert time.monotonic() < deadline, "requests never got in flight"
-            time.sleep(0.05)
+        sender, answers = in_flight(proc, bodies, errors_too=True)
         os.kill(fronts[0], signal.SIGKILL)  # within the 3 s its rows wait for a batch
         sender.join(60)
         (responses,) = answers
@@ -254,23 +265,10 @@ def test_without_its_supervisor_the_server_drains_and_frees_the_port(
         log_dir=tmp_path,
     )  # fmt: skip
     try:
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        served = [
-            int(pid)
-            for pid in children
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        ]
-        assert len(served) == 3, children  # two HTTP processes and the engine core
+        served = [*http_processes(proc), engine_core_process(proc)]
+        assert len(served) == 3, served  # two HTTP processes and the engine core
         bodies = [{"model": "pre", "inputs": [t]} for t in TEXTS[:8]]
-        answers: list[list[httpx.Response]] = []
-        sender = threading.Thread(
-            target=lambda: answers.append(one_connection_each(proc.url, bodies))
-        )
-        sender.start()
-        deadline = time.monotonic() + 30
-        while sample(scrape(proc.url), "dynprompt_queue_depth") < len(bodies):
-            assert time.monotonic() < deadline, "requests never got in flight"
-            time.sleep(0.05)
+        sender, answers = in_flight(proc, bodies)
         proc.kill()  # SIGKILL: the supervisor cannot drain anything
         sender.join(60)
         (responses,) = answers
@@ -307,19 +305,10 @@ def test_requests_in_flight_get_503_when_the_engine_core_dies(repo: Repo, tmp_pa
         log_dir=tmp_path,
     )  # fmt: skip
     try:
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        (core,) = [pid for pid in children if "libtorch" in Path(f"/proc/{pid}/maps").read_text()]
+        core = engine_core_process(proc)
         bodies = [{"model": "pre", "inputs": [t]} for t in TEXTS[:8]]
-        answers: list[list[httpx.Response]] = []
-        sender = threading.Thread(
-            target=lambda: answers.append(one_connection_each(proc.url, bodies))
-        )
-        sender.start()
-        deadline = time.monotonic() + 30
-        while sample(scrape(proc.url), "dynprompt_queue_depth") < len(bodies):
-            assert time.monotonic() < deadline, "requests never got in flight"
-            time.sleep(0.05)
-        os.kill(int(core), signal.SIGKILL)
+        sender, answers = in_flight(proc, bodies)
+        os.kill(core, signal.SIGKILL)
         sender.join(30)  # well within the 60 s drain
         assert not sender.is_alive(), "requests hung after the engine core died"
         (responses,) = answers
@@ -396,15 +385,7 @@ def test_sigterm_drains_every_process(repo: Repo, tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         bodies = [{"model": "pre", "inputs": [t]} for t in TEXTS[:12]]
-        answers: list[list[httpx.Response]] = []
-        sender = threading.Thread(
-            target=lambda: answers.append(one_connection_each(proc.url, bodies))
-        )
-        sender.start()
-        deadline = time.monotonic() + 30
-        while sample(scrape(proc.url), "dynprompt_queue_depth") < len(bodies):
-            assert time.monotonic() < deadline, "requests never got in flight"
-            time.sleep(0.05)
+        sender, answers = in_flight(proc, bodies)
         proc.terminate()
         sender.join(60)
         (responses,) = answers
