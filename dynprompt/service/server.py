@@ -42,11 +42,9 @@ from dynprompt.service.connections import (
 )
 from dynprompt.service.engine import Admission, CoreHandle, Engine, SharedCounts
 from dynprompt.service.logs import configure_logging
+from dynprompt.service.transport import PEER_CHECK_S
 
 log = logging.getLogger("dynprompt.service")
-
-# How often a process of a `--workers N` server checks that its supervisor is still there.
-ORPHAN_CHECK_S = 0.5
 
 
 class DrainingServer(uvicorn.Server):
@@ -85,7 +83,7 @@ class DrainingServer(uvicorn.Server):
         """Drain and exit when the supervisor is gone (killed with SIGKILL, say): nothing
         would restart this process or stop it, and it would keep the port."""
         while os.getppid() == parent:
-            await asyncio.sleep(ORPHAN_CHECK_S)
+            await asyncio.sleep(PEER_CHECK_S)
         log.warning("the supervisor (pid %d) is gone; draining and exiting", parent)
         self.handle_exit(signal.SIGTERM, None)
 

@@ -64,7 +64,8 @@ log = logging.getLogger("dynprompt.service.transport")
 PICKLE = pickle.HIGHEST_PROTOCOL
 # How long a metrics scrape waits for the other front ends' records (see the fence above).
 FENCE_S = 0.25
-# How often the core looks for front ends whose process has exited.
+# How often a process of a `--workers N` server checks that the processes it works with
+# (its supervisor, the core, the front ends) still exist.
 PEER_CHECK_S = 0.5
 
 
