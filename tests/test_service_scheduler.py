@@ -226,6 +226,21 @@ def test_a_request_not_started_by_its_deadline_is_answered_503(model: DynPromptM
     assert answer.error == protocol.QUEUE_TIMEOUT and answer.queue_s is None
 
 
+def test_a_batch_that_fell_due_is_not_slept_past(model: DynPromptModel) -> None:
+    """The prepare thread checks whether a batch is due, then computes how long to sleep,
+    reading the clock twice. A batch that fell due in between once counted as no wait at
+    all, so the thread slept until the queue timeout (seen in CI: one request, 503 after
+    30 s). Here the batch is already due: the sleep must be 0, whatever the deadline."""
+    worker, entry = worker_with(model, BatchLimits(max_batch_size=4, max_wait_s=0.005), [])
+    late = job(entry, Collect(), [SHORT], "due", timeout=30)
+    late.sub = late.sub._replace(admitted=late.sub.admitted - 1.0)  # well past max_wait
+    worker.submit(late)  # not started: nothing takes it
+    assert worker._sleep_s() == 0.0
+    fresh, entry2 = worker_with(model, BatchLimits(max_batch_size=4, max_wait_s=0.5), [])
+    fresh.submit(job(entry2, Collect(), [SHORT], "fresh", timeout=30))
+    assert 0.0 < (fresh._sleep_s() or 0.0) <= 0.5  # not due yet: sleep until it is
+
+
 def test_registry_shares_backbones_and_runs_half_precision(
     tmp_path: Path, minilm: Backbone
 ) -> None:

@@ -251,12 +251,15 @@ class BackboneWorker:
         return False
 
     def _sleep_s(self) -> float | None:
+        """How long to wait for a notify. A time already past counts as 0, not as no time:
+        `_work_due` looked at the clock a moment earlier, and a batch that fell due in
+        between must not wait for the next request or the queue timeout."""
         now = time.monotonic()
         waits = [self._next_expiry() - now]
         oldest = self._oldest()
         if oldest is not None and self._slot is None and (self._cuda or not self._busy):
             waits.append(oldest + self.limits.max_wait_s - now)
-        waits = [w for w in waits if 0 < w < 3600]
+        waits = [max(0.0, w) for w in waits if w < 3600]
         return min(waits) if waits else None
 
     def _next_expiry(self) -> float:
