@@ -91,7 +91,8 @@ class RequestHistogram:
     def labels(self, *values: str) -> _Counts:
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = _Counts(self.bounds)
+            with self._lock:  # a scrape may be iterating the label sets
+                child = self._children.setdefault(values, _Counts(self.bounds))
         return child
 
     def describe(self) -> list[Metric]:
