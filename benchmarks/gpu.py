@@ -13,8 +13,9 @@ prompt, `backbone` router features) and SST-2 dev sentences, for each dtype:
 - `classify_rows` (the batch pipeline, pre-tokenised, shape buckets and CUDA graphs as
   the server runs it) at 32, 128 and 512 rows: goal >= 0.7 of the ceiling at 512;
 - `dynprompt serve` at 1, 64 and 256 closed-loop single-sentence clients and 16 clients
-  x 32 sentences, with p50/p99; load comes from several client processes, so the client
-  is not the bottleneck. Goals: >= 20,000 single-sentence requests/s; >= 50% of the
+  x 32 sentences, with p50/p99, the server's CPU per request (all of it, and the engine
+  core's) and its rows per batch (whether batches fill while the device computes); load
+  comes from several client processes, so the client is not the bottleneck. Goals: >= 20,000 single-sentence requests/s; >= 50% of the
   ceiling with 32-sentence requests; p50 <= 5 ms at one client.
 
 Writes the `gpu` section of docs/benchmarks.md, naming the device. On the offline GPU
@@ -173,19 +174,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPU cores.",
         "",
         "| dtype | measure | sentences/s | requests/s | p50 ms | p99 ms | server CPU-ms / "
-        "request | of which the engine core |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "request | of which the engine core | rows / batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for dtype in args.dtypes:
         print(f"{dtype}: offline", flush=True)
         figures = offline(args.device, dtype, sentences, args.duration, sizes)
         for name, value in figures.items():
-            lines.append(f"| {dtype} | {name.replace('_', ' at ')} rows | {value:,.0f} | | | | | |")
+            lines.append(
+                f"| {dtype} | {name.replace('_', ' at ')} rows | {value:,.0f} | | | | | | |"
+            )
         top = sizes[-1]
         ceiling = figures[f"bare_{top}"]
         ratio = figures[f"pipeline_{top}"] / ceiling
         lines.append(
-            f"| {dtype} | pipeline / bare at {top} (goal ≥ 0.7) | **{ratio:.2f}** | | | | | |"
+            f"| {dtype} | pipeline / bare at {top} (goal ≥ 0.7) | **{ratio:.2f}** | | | | | | |"
         )
         serve_args = ["--model-repository", str(DEFAULT_REPOSITORY), "--device", args.device]
         serve_args += ["--dtype", dtype, "--max-batch-size", str(top), "--max-wait-ms", "0"]
@@ -205,6 +208,15 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 name = "process_cpu_seconds_total"
                 core = sample(after, name) - sample(before, name)
+                # Whether batches fill while the device computes, or one row runs alone
+                # between full ones (the prepare thread takes what is queued when due).
+                batches = sample(after, "dynprompt_batch_size_count") - sample(
+                    before, "dynprompt_batch_size_count"
+                )
+                rows_per_batch = (
+                    sample(after, "dynprompt_batch_size_sum")
+                    - sample(before, "dynprompt_batch_size_sum")
+                ) / max(batches, 1)
                 done = max(result.answered // inputs, 1)  # the CPU spans the warm-up too
                 share = result.sentences_per_s / ceiling
                 note = f" ({share:.0%} of the ceiling)" if inputs > 1 else ""
@@ -212,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {dtype} | server, {clients} clients × {inputs} sentence(s){note} | "
                     f"{result.sentences_per_s:,.0f} | {result.requests_per_s:,.0f} | "
                     f"{statistics.median(result.latencies_ms):.1f} | {result.percentile(99):.1f} | "
-                    f"{cpu * 1000 / done:.3f} | {core * 1000 / done:.3f} |"
+                    f"{cpu * 1000 / done:.3f} | {core * 1000 / done:.3f} | {rows_per_batch:.1f} |"
                 )
     table = "\n".join(lines)
     print(table)

@@ -2,9 +2,9 @@
 
 A GPU machine is lent for minutes at a time; a script that fails there costs the whole
 loan. This runs every step of it here (offline ceilings, the batch pipeline, a real
-`--workers 2` server under load, the CPU columns from its metrics) and checks the table
-it prints. The figures themselves are not judged: a CPU run measures nothing the
-script is for.
+`--workers 2` server under load, the CPU and batch columns from its metrics) and checks
+the table it prints. The figures themselves are not judged, except rows per batch where
+the load fixes it: a CPU run measures nothing the script is for.
 """
 
 from __future__ import annotations
@@ -43,9 +43,16 @@ def test_the_gpu_benchmark_runs_every_step_on_a_cpu() -> None:
         "server, 4 clients × 2 sentence(s)",
     ]
     for name in served:
-        sentences, requests, p50, p99, cpu, core = (float(v.replace(",", "")) for v in rows[name])
+        figures = [float(v.replace(",", "")) for v in rows[name]]
+        sentences, requests, p50, p99, cpu, core, rows_per_batch = figures
         assert sentences > 0 and requests > 0 and 0 < p50 <= p99
         assert cpu > 0 and core > 0  # the whole server's CPU, and its engine core's
+        # From the server's batch_size histogram: one client of one sentence makes batches
+        # of one row; four clients of two sentences, of two rows to the batch cap of 8.
+        if name.startswith("server, 1 clients"):
+            assert rows_per_batch == 1.0, rows[name]
+        else:
+            assert 2.0 <= rows_per_batch <= 8.0, rows[name]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA it measures for minutes")
