@@ -48,11 +48,12 @@ def test_the_gpu_benchmark_runs_every_step_on_a_cpu() -> None:
         assert sentences > 0 and requests > 0 and 0 < p50 <= p99
         assert cpu > 0 and core > 0  # the whole server's CPU, and its engine core's
         # From the server's batch_size histogram: one client of one sentence makes batches
-        # of one row; four clients of two sentences, of two rows to the batch cap of 8.
+        # of one row; four clients of two sentences, of more (a request's two rows arrive
+        # together, though length grouping may part them), up to the batch cap of 8.
         if name.startswith("server, 1 clients"):
             assert rows_per_batch == 1.0, rows[name]
         else:
-            assert 2.0 <= rows_per_batch <= 8.0, rows[name]
+            assert 1.0 < rows_per_batch <= 8.0, rows[name]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA it measures for minutes")
