@@ -15,8 +15,9 @@ prompt, `backbone` router features) and SST-2 dev sentences, for each dtype:
 - `dynprompt serve` at 1, 64 and 256 closed-loop single-sentence clients and 16 clients
   x 32 sentences, with p50/p99, the server's CPU per request (all of it, and the engine
   core's) and its rows per batch (whether batches fill while the device computes); load
-  comes from several client processes, so the client is not the bottleneck. Goals: >= 20,000 single-sentence requests/s; >= 50% of the
-  ceiling with 32-sentence requests; p50 <= 5 ms at one client.
+  comes from several client processes, so the client is not the bottleneck. Goals:
+  >= 20,000 single-sentence requests/s; >= 50% of the ceiling with 32-sentence
+  requests; p50 <= 5 ms at one client.
 
 Writes the `gpu` section of docs/benchmarks.md, naming the device. On the offline GPU
 machine, pack what it lacks first (see ../shared/gpu/pack.py), e.g.
@@ -136,6 +137,14 @@ def load(url: str, sentences: list[str], clients: int, seconds: float, inputs: i
     return merged
 
 
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def delta(before: Metrics, after: Metrics, name: str) -> float:
+    """How much an unlabelled series grew between two scrapes."""
+    return sample(after, name) - sample(before, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -206,17 +215,12 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(
                         f"{clients} clients x {inputs}: nothing answered in {args.duration:g} s"
                     )
-                name = "process_cpu_seconds_total"
-                core = sample(after, name) - sample(before, name)
+                core = delta(before, after, "process_cpu_seconds_total")
                 # Whether batches fill while the device computes, or one row runs alone
                 # between full ones (the prepare thread takes what is queued when due).
-                batches = sample(after, "dynprompt_batch_size_count") - sample(
-                    before, "dynprompt_batch_size_count"
-                )
-                rows_per_batch = (
-                    sample(after, "dynprompt_batch_size_sum")
-                    - sample(before, "dynprompt_batch_size_sum")
-                ) / max(batches, 1)
+                batches = delta(before, after, "dynprompt_batch_size_count")
+                rows = delta(before, after, "dynprompt_batch_size_sum")
+                rows_per_batch = rows / max(batches, 1)
                 done = max(result.answered // inputs, 1)  # the CPU spans the warm-up too
                 share = result.sentences_per_s / ceiling
                 note = f" ({share:.0%} of the ceiling)" if inputs > 1 else ""

@@ -78,7 +78,7 @@ def offline_rate(
     A ceiling must cost what the server's sentences cost. A row's cost grows with its
     batch's width, and the server cycles through every sentence; a partial pass would
     price some widths only (it once priced 7 of the default model's 16 batches, 12% narrower
-    than the set, and flattered the ceiling by about 5%).
+    than the whole set).
     """
     batches = [rows[i : i + batch] for i in range(0, len(rows), batch)]
     run_batch(batches[0])  # warm
