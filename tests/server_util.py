@@ -304,9 +304,13 @@ def assert_result_matches(
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """GET /metrics as {(sample name, sorted labels): value}."""
+    return parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text exposition as {(sample name, sorted labels): value}."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url + "/metrics", timeout=30).text
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -8,7 +8,6 @@ import random
 import threading
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from dynprompt.service.metrics import (
     DECISION_BUCKETS,
@@ -18,15 +17,7 @@ from dynprompt.service.metrics import (
     ServiceMetrics,
 )
 from dynprompt.service.protocol import Record
-from tests.server_util import sample
-
-
-def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+from tests.server_util import parse_metrics, sample
 
 
 def rendered(registry: CollectorRegistry) -> list[str]:
