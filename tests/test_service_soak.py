@@ -13,6 +13,7 @@ import json
 import os
 import random
 import socket
+import statistics
 import threading
 import time
 from collections import Counter
@@ -201,15 +202,20 @@ def test_soak(setup: Any) -> None:
     while classify_count(server.url) - counted_before < total and time.monotonic() < deadline:
         time.sleep(0.2)
     assert classify_count(server.url) - counted_before == total, (total, soak.statuses)
-    # Memory: the last third of the run holds no more than the first third, plus slack.
+    # Memory: the heap grows between the engine's trims (about every second, see
+    # service/memory.py) and falls back at each, so single samples swing by 100 MiB. A leak
+    # lifts the whole curve: the last third's median is held to the first third's.
     third = max(1, len(rss) // 3)
-    assert max(rss[-third:]) <= max(rss[:third]) * 1.10 + 32, rss
+    first, last = statistics.median(rss[:third]), statistics.median(rss[-third:])
+    assert last <= first * 1.10 + 32, (first, last, rss)
     # File descriptors: back to the baseline once the clients are gone.
     deadline = time.monotonic() + 15
     while proc.num_fds() > fds_before + 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.num_fds() <= fds_before + 2, (fds_before, proc.num_fds())
     assert httpx.get(server.url + "/ready").status_code == 200
-    every = [round(r) for r in rss[:: max(1, len(rss) // 12)]]  # about 12 points
-    print(f"soak: {total} requests in {SECONDS:g}s, {dict(soak.statuses)}, rss MiB {every}"
-          f" -> {rss[-1]:.0f}")  # fmt: skip
+    sixth = max(1, len(rss) // 6)
+    parts = [rss[i : i + sixth] for i in range(0, len(rss), sixth)]
+    shape = ", ".join(f"{statistics.median(p):.0f} ({max(p):.0f})" for p in parts)
+    print(f"soak: {total} requests in {SECONDS:g}s, {dict(soak.statuses)}, rss MiB at start"
+          f" {rss[0]:.0f}, then by sixths median (max): {shape}")  # fmt: skip
