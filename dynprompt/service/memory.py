@@ -9,7 +9,7 @@ loop grows 140-220 MiB in 40 s.
 Two cures were measured (`docs/reliability.md`, "Memory over a long soak"). A fixed
 mmap threshold keeps the heap flat but maps and faults every activation afresh: the
 shipped model's forward cost 20-35% more CPU. Trimming every second keeps the peak
-within about 50 MiB of the start for about 1% of the compute thread's time (a trim
+within about 100 MiB of the start for about 1% of the compute thread's time (a trim
 takes 3-25 ms). So the engine trims after every model swap (with the CUDA cache and
 Python's cycles) and, while serving, at most once every `TRIM_EVERY_S`, and never
 for more than `TRIM_SHARE` of the time.
