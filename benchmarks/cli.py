@@ -9,6 +9,7 @@ BENCHMARKS = {
     "serving": ("benchmarks.serving", "HTTP throughput, latency, batching gain, cost of dynamism"),
     "onnx": ("benchmarks.onnx_vs_torch", "ONNX Runtime over PyTorch eager"),
     "overhead": ("benchmarks.overhead", "the request path's CPU cost per request, compute aside"),
+    "scheduler": ("benchmarks.scheduler", "what choosing a batch costs, by queue depth"),
     "gpu": ("benchmarks.gpu", "CUDA: bare ceiling, batch pipeline and server (exits 0 on a CPU)"),
 }
 

@@ -5,6 +5,7 @@ other test_service files.)"""
 from __future__ import annotations
 
 import itertools
+import random
 import threading
 import time
 from pathlib import Path
@@ -128,6 +129,62 @@ def test_padding_budget_counts_the_whole_batch() -> None:
     assert batch(0) == [10, 10]
     assert batch(59) == [10, 10]
     assert batch(60) == [10, 40, 10, 40]
+
+
+def reference_take(scheduler: Scheduler[int]) -> list[int]:
+    """The batching rule as first written: sort every queued row by distance from the
+    oldest, visit them all. `Scheduler.take` must pick exactly these rows."""
+    queue, limits = scheduler.rows, scheduler.limits
+    anchor = queue[0].cost
+    order = sorted(range(len(queue)), key=lambda i: (abs(queue[i].cost - anchor), i))
+    chosen, width, real = [order[0]], anchor, anchor
+    for i in order[1:]:
+        if len(chosen) >= scheduler.row_cap:
+            break
+        cost = queue[i].cost
+        wider = max(width, cost)
+        padded = (len(chosen) + 1) * wider
+        added = padded - len(chosen) * width - cost
+        affordable = (
+            added <= limits.padding_tolerance * cost
+            or padded - real - cost <= scheduler.padding_budget
+        )
+        if padded <= limits.max_batch_tokens and affordable:
+            chosen.append(i)
+            width, real = wider, real + cost
+    chosen.sort()
+    picked = set(chosen)
+    scheduler.rows = [r for i, r in enumerate(queue) if i not in picked]
+    return [queue[i].item for i in chosen]
+
+
+def test_take_stops_early_yet_picks_what_visiting_every_row_picks() -> None:
+    rng = random.Random(7)
+    for _ in range(3000):
+        limits = BatchLimits(
+            max_batch_size=rng.randint(1, 40),
+            max_batch_tokens=rng.choice([10**6, rng.randint(20, 2000)]),
+            max_wait_s=0.0,
+            padding_tolerance=rng.choice([0.0, 0.1, 0.25, 1.0, 1.5, 3.0]),
+        )
+        budget = rng.choice([0, 5, 50, 500])
+        top = rng.choice([5, 30, 100])
+        costs = [rng.randint(1, top) for _ in range(rng.randint(1, 60))]
+        fast: Scheduler[int] = Scheduler(limits)
+        slow: Scheduler[int] = Scheduler(limits)
+        for scheduler in (fast, slow):
+            scheduler.padding_budget = budget
+            scheduler.row_cap = (
+                rng.randint(1, limits.max_batch_size)
+                if rng.random() < 0.3
+                else limits.max_batch_size
+            )
+            for i, cost in enumerate(costs):
+                scheduler.add(i, cost, 0.0)
+        slow.row_cap = fast.row_cap
+        while len(slow):
+            assert fast.take() == reference_take(slow), (limits, budget, costs)
+        assert len(fast) == 0
 
 
 @pytest.mark.parametrize(

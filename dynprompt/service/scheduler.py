@@ -78,15 +78,29 @@ class Scheduler(Generic[T]):
         return max(0.0, self.rows[0].arrived + limits.max_wait_s - now)
 
     def take(self) -> list[T]:
-        """The next batch, in arrival order; its rows leave the queue."""
+        """The next batch, in arrival order; its rows leave the queue.
+
+        Candidates are visited nearest in length first (ties: oldest first). Each side of
+        the anchor stops at its first row that does not fit: the batch only grows, so a
+        row refused now is refused later, and so is every row farther out on its side
+        (shorter rows add more padding; longer ones widen the batch more). A take visits
+        about a batch of rows after one sort on integer keys; sorting on tuples and
+        visiting every row cost 20-200 us a row taken at 4,096-16,384 queued rows
+        (`dynprompt bench scheduler`).
+        """
         queue, limits = self.rows, self.limits
-        anchor = queue[0].cost
-        order = sorted(range(len(queue)), key=lambda i: (abs(queue[i].cost - anchor), i))
+        anchor, n = queue[0].cost, len(queue)
+        keys = [abs(row.cost - anchor) * n + i for i, row in enumerate(queue)]
+        order = sorted(range(n), key=keys.__getitem__)
         chosen, width, real = [order[0]], anchor, anchor
+        shorter_open = longer_open = True
         for i in order[1:]:
-            if len(chosen) >= self.row_cap:
+            if len(chosen) >= self.row_cap or not (shorter_open or longer_open):
                 break
             cost = queue[i].cost
+            shorter = cost < anchor
+            if not (shorter_open if shorter else longer_open):
+                continue
             wider = max(width, cost)
             padded = (len(chosen) + 1) * wider
             added = padded - len(chosen) * width - cost
@@ -97,6 +111,10 @@ class Scheduler(Generic[T]):
             if padded <= limits.max_batch_tokens and affordable:
                 chosen.append(i)
                 width, real = wider, real + cost
+            elif shorter:
+                shorter_open = False
+            else:
+                longer_open = False
         chosen.sort()
         picked = set(chosen)
         self.rows = [r for i, r in enumerate(queue) if i not in picked]
