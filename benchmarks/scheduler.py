@@ -8,7 +8,9 @@ goal of issue 11), and its queue holds thousands of rows at that rate. This time
 of SST-2 dev sentences, tokenised by MiniLM, with a 20-token prompt each, side by side
 with the rule as first written (sort every row, visit every row;
 `tests/test_service_scheduler.reference_take`), which picks the same rows. Medians of
-`--rounds`; writes the `scheduler` section of docs/benchmarks.md.
+`--rounds`. Then the expiry checks the prepare thread makes at every wake-up (two
+`_next_expiry`, one `_expire`) with that many single-sentence requests queued. Writes
+the `scheduler` section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -17,17 +19,20 @@ import argparse
 import random
 import statistics
 import time
+import timeit
 from collections.abc import Callable
 
 from benchmarks.loadgen import sst2_sentences
 from benchmarks.report import write_section
-from dynprompt.models import load_backbone
+from dynprompt.models import Backbone, load_backbone
 from dynprompt.service.scheduler import BatchLimits, Scheduler
-from tests.test_service_scheduler import reference_take
+from tests.server_util import build_model
+from tests.test_service_scheduler import Collect, job, reference_take, worker_with
 
 PROMPT = 20
 POINTS = ((64, 32), (256, 32), (1024, 256), (4096, 256), (16384, 256))  # (queued, batch cap)
 TAKES = 20
+WAKEUPS = (256, 1024, 4096)  # queued requests
 
 
 def time_takes(
@@ -54,6 +59,25 @@ def time_takes(
     return take_s * 1e6 / rows, wait_s * 1e6 / TAKES
 
 
+def time_wakeups(backbone: Backbone, sentences: list[str], queued: int) -> float:
+    """us of the expiry checks at one wake-up of the prepare thread (its threads are not
+    started: the requests stay queued)."""
+    model = build_model("m", backbone, variant="prefix", feature="embeddings", labels=["n", "p"])
+    worker, entry = worker_with(model, BatchLimits(max_batch_size=256), [])
+    target = Collect()
+    requests = [
+        job(entry, target, [sentences[i % len(sentences)]], str(i), 600) for i in range(queued)
+    ]
+    worker._intake(requests, [])
+
+    def wake() -> None:
+        worker._next_expiry()
+        worker._next_expiry()
+        worker._expire([])
+
+    return min(timeit.repeat(wake, number=20, repeat=5)) / 20 * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -63,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     backbone = load_backbone("minilm")
-    rows = backbone.tokenize_rows(sst2_sentences(), None, 128)
+    sentences = sst2_sentences()
+    rows = backbone.tokenize_rows(sentences, None, 128)
     costs = [len(r.input_ids) + PROMPT for r in rows]
     random.Random(0).shuffle(costs)
     lines = [
@@ -83,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(lines[-1], flush=True)
     table = "\n".join(lines)
+    wakeups = ["| queued requests | expiry checks at one wake-up, us |", "|---:|---:|"]
+    for queued in WAKEUPS:
+        wakeups.append(f"| {queued:,} | {time_wakeups(backbone, sentences, queued):.0f} |")
+        print(wakeups[-1], flush=True)
     command = f"python -m benchmarks.scheduler --rounds {args.rounds}"
     markdown = (
         "## Choosing a batch (`Scheduler`)\n\n"
@@ -90,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         f" rounds; SST-2 dev sentences ({len(costs)}, MiniLM tokens + a {PROMPT}-token"
         " prompt) queued in a seeded random order, `padding_tolerance` 0.25, no padding"
         " budget. The first rule picks the same rows (checked by"
-        " `tests/test_service_scheduler.py`).\n\n" + table
+        " `tests/test_service_scheduler.py`).\n\n"
+        + table
+        + "\n\nThe prepare thread's expiry checks at each wake-up (best of 5 x 20):\n\n"
+        + "\n".join(wakeups)
     )
     if not args.no_write:
         print(f"wrote {write_section('scheduler', markdown)}")

@@ -395,3 +395,27 @@ def test_out_of_memory_splits_lowers_the_cap_and_recovers(
         target.wait([more])
     worker.stop(10)
     assert worker.row_cap > low  # clean batches let the cap grow back
+
+
+def test_deadlines_leave_with_their_jobs_and_expiry_still_answers(model: DynPromptModel) -> None:
+    """The prepare thread keeps queued jobs in a heap by deadline instead of scanning every
+    queued row at each wake-up: a job that expires is still answered 503 and its rows
+    leave the queue, the others are computed, and no finished job stays in the heap."""
+    worker, entry = worker_with(model, BatchLimits(max_batch_size=4, max_wait_s=0.0), [])
+    target = Collect()
+    jobs = [job(entry, target, [SHORT, LONG], str(i)) for i in range(12)]
+    late = job(entry, target, [SHORT], "late", timeout=-1.0)  # past its deadline on arrival
+    stale = job(entry, target, [LONG], "stale", timeout=0.3)
+    for j in [*jobs, late]:
+        worker.submit(j)
+    worker._intake([stale], [])  # queued, then nothing wakes the worker before its deadline
+    time.sleep(0.4)
+    worker.start()
+    answers = target.wait([*jobs, late, stale])
+    assert all(a.error is None and len(a.rows) == 2 for a in answers[:12])
+    assert answers[12].error == answers[13].error == protocol.QUEUE_TIMEOUT
+    deadline = time.monotonic() + 5
+    while (worker._deadlines or len(worker.scheduler)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.stop(10)
+    assert worker._deadlines == [] and len(worker.scheduler) == 0

@@ -18,6 +18,8 @@ its own requests (500) and nothing else.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -136,6 +138,14 @@ class BackboneWorker:
         self._stopping = False
         self._prepared_all = False  # stopping, and the prepare thread has handed over its last
         self._clean_batches = 0
+        # Queued jobs by deadline (prepare thread only; jobs no longer queued are popped when
+        # they reach the top), and how many jobs were ever cancelled: the prepare thread
+        # then neither scans every queued row for expiry at each wake-up nor drops
+        # cancelled rows when none were cancelled. Both scans grew with the queue.
+        self._deadlines: list[tuple[float, int, Job]] = []
+        self._pushed = itertools.count()
+        self._cancels = 0  # guarded by the lock
+        self._cancels_dropped = 0  # prepare thread only
         self._trimmer = Trimmer()
         self._cuda = backbone.device.type == "cuda"
         self._threads = [
@@ -177,6 +187,7 @@ class BackboneWorker:
         with self._cond:
             if job.state == QUEUED:
                 job.state = CANCELLED
+                self._cancels += 1
                 self._cond.notify_all()
                 return True
             return job.state == CANCELLED
@@ -265,9 +276,11 @@ class BackboneWorker:
     def _next_expiry(self) -> float:
         """When the first job that has not started passes its deadline."""
         deadlines = [job.sub.deadline for job in self._inbox if job.state == QUEUED]
-        deadlines += [
-            row.item.job.sub.deadline for row in self.scheduler.rows if row.item.job.state == QUEUED
-        ]
+        heap = self._deadlines
+        while heap and heap[0][2].state != QUEUED:
+            heapq.heappop(heap)
+        if heap:
+            deadlines.append(heap[0][0])
         return min(deadlines, default=float("inf"))
 
     def _intake(self, jobs: list[Job], answers: list[tuple[ReplyTarget, Answer]]) -> None:
@@ -306,6 +319,7 @@ class BackboneWorker:
                     continue
                 job.results = [None] * n
                 job.remaining = n
+                heapq.heappush(self._deadlines, (job.sub.deadline, next(self._pushed), job))
                 prompt = job.entry.config.prompt.length
                 for i, tokens in enumerate(job.rows):
                     self.scheduler.add(
@@ -315,14 +329,20 @@ class BackboneWorker:
     def _expire(self, answers: list[tuple[ReplyTarget, Answer]]) -> None:
         """Drop rows of cancelled jobs; answer 503 to queued jobs past their deadline."""
         now = time.monotonic()
-        expired: dict[int, Job] = {}
+        expired: list[Job] = []
+        heap = self._deadlines
         with self._cond:
-            for job in {id(r.item.job): r.item.job for r in self.scheduler.rows}.values():
-                if job.state == QUEUED and now > job.sub.deadline:
+            while heap and (heap[0][2].state != QUEUED or heap[0][0] < now):
+                job = heapq.heappop(heap)[2]
+                if job.state == QUEUED:
                     job.state = CANCELLED
-                    expired[id(job)] = job
-        self.scheduler.drop(lambda row: row.job.state == CANCELLED)
-        for job in expired.values():
+                    self._cancels += 1
+                    expired.append(job)
+            cancels = self._cancels
+        if cancels != self._cancels_dropped:
+            self._cancels_dropped = cancels
+            self.scheduler.drop(lambda row: row.job.state == CANCELLED)
+        for job in expired:
             answers.append((job.target, self._timeout(job)))
 
     @staticmethod
@@ -415,6 +435,7 @@ class BackboneWorker:
             )  # fmt: skip
             with self._cond:
                 job.state = CANCELLED
+                self._cancels += 1
             message = (
                 "an input does not fit in the server's memory even alone; shorten it "
                 f"(request id {job.sub.request_id})"
@@ -535,6 +556,7 @@ class BackboneWorker:
         for job in jobs.values():
             with self._cond:
                 job.state = CANCELLED  # its rows still queued elsewhere are dropped
+                self._cancels += 1
             message = f"internal error; quote request id {job.sub.request_id} when reporting it"
             answers.append((job.target, answer_error(job, protocol.INTERNAL, message)))
         return answers
