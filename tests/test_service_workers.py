@@ -285,8 +285,13 @@ def test_without_its_supervisor_the_server_drains_and_frees_the_port(
         while any(running(pid) for pid in served):
             assert time.monotonic() < deadline, "processes outlived their supervisor"
             time.sleep(0.1)
-        with socket.socket() as probe:  # no process holds the port any more
+        with socket.socket() as probe:  # no process listens on the port any more
+            # As a restarted server binds (uvicorn sets SO_REUSEADDR): connections the
+            # server closed first linger in TIME_WAIT on this port, and without the option
+            # they alone refuse the bind (seen once in CI); a listener still refuses it.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", proc.port))
+            probe.listen()
         messages = [r["msg"] for r in proc.log_records()]
         assert sum("is gone; draining and exiting" in m for m in messages) == 2
         assert sum("is gone; stopping once the HTTP processes" in m for m in messages) == 1
