@@ -20,10 +20,12 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import psutil
@@ -91,6 +93,29 @@ def tree_cpu_seconds(pid: int) -> float:
             continue
         total += times.user + times.system
     return total
+
+
+def tree_thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU of every thread of a process and its descendants, summed by the
+    thread's name in the kernel (the server names its threads: `service/threadnames.py`).
+    Empty where there is no /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    root = psutil.Process(pid)
+    out: dict[str, float] = {}
+    for process in [root, *root.children(recursive=True)]:
+        tasks = Path(f"/proc/{process.pid}/task")
+        try:
+            tids = [entry.name for entry in tasks.iterdir()]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                name = (tasks / tid / "comm").read_text().strip()
+                fields = (tasks / tid / "stat").read_text().rpartition(")")[2].split()
+            except OSError:  # the thread ended meanwhile
+                continue
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def sst2_sentences(limit: int | None = None) -> list[str]:

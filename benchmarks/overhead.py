@@ -41,15 +41,35 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.loadgen import run_load, sst2_sentences, tree_cpu_seconds
+from benchmarks.loadgen import run_load, sst2_sentences, tree_cpu_seconds, tree_thread_cpu_seconds
 from benchmarks.report import write_section
 from dynprompt.models import make_config, save_checkpoint
 from dynprompt.models.backbone import resolve_backbone_path
 from dynprompt.models.model import DynPromptModel
+from dynprompt.service import threadnames
 from tests.server_util import HOST, ServerProcess, free_port, sample, scrape, start_server
 
 PROMPT_LENGTH = 20
 GOAL_MS = 0.25
+# The server's threads by their kernel names (`dynprompt/service/threadnames.py`).
+THREAD_GROUPS = {
+    threadnames.LOOP: "event loop",
+    threadnames.CORE: "core socket",
+    threadnames.PREPARE: "prepare",
+    threadnames.TOKENIZE: "tokenizer pool",
+    threadnames.COMPUTE: "compute",
+}
+ZMQ = "ZeroMQ I/O"
+OTHER = "other"
+GROUPS = [*THREAD_GROUPS.values(), ZMQ, OTHER]
+
+
+def thread_group(name: str) -> str:
+    if name in THREAD_GROUPS:
+        return THREAD_GROUPS[name]
+    return ZMQ if name.startswith("ZMQbg") else OTHER
+
+
 # The same prefix checkpoint, written by whichever source tree runs this (see --baseline).
 MAKE_REPOSITORY = f"""
 import sys, torch
@@ -133,6 +153,7 @@ class Point:
     compute_ms: float
     core_ms: float  # the engine core's process, compute aside
     p50_ms: float
+    threads: dict[str, float]  # CPU-ms a request by thread group (GROUPS)
 
     @property
     def path_ms(self) -> float:
@@ -150,9 +171,11 @@ def measure(
     run = run_load(server.url, "tiny", sentences, concurrency, duration_s=1.0, warmup_s=0.0)
     asyncio.run(run)  # warm connections and caches
     before_metrics, before_cpu = scrape(server.url), tree_cpu_seconds(server.pid)
+    before_threads = tree_thread_cpu_seconds(server.pid)
     result = asyncio.run(
         run_load(server.url, "tiny", sentences, concurrency, duration_s=duration, warmup_s=warmup)
     )
+    after_threads = tree_thread_cpu_seconds(server.pid)
     after_cpu, after_metrics = tree_cpu_seconds(server.pid), scrape(server.url)
     answered = sample(after_metrics, "dynprompt_requests_total", model="tiny", status="200") - (
         sample(before_metrics, "dynprompt_requests_total", model="tiny", status="200")
@@ -168,6 +191,9 @@ def measure(
     bad = {s: n for s, n in result.statuses.items() if s != 200}
     if bad:
         raise SystemExit(f"{layout}: non-200 answers {bad}")
+    threads = dict.fromkeys(GROUPS, 0.0)
+    for name, seconds in after_threads.items():
+        threads[thread_group(name)] += (seconds - before_threads.get(name, 0.0)) * 1000 / answered
     point = Point(
         layout,
         result.requests_per_s,
@@ -175,11 +201,13 @@ def measure(
         compute * 1000 / answered,
         core * 1000 / answered,
         result.percentile(50),
+        threads,
     )
     print(
         f"  {layout}: {point.requests_per_s:.0f} requests/s, {point.cpu_ms:.3f} CPU-ms/request "
         f"(compute {point.compute_ms:.3f}, path {point.path_ms:.3f}, engine core "
-        f"{point.core_ms:.3f}), p50 {point.p50_ms:.1f} ms",
+        f"{point.core_ms:.3f}), p50 {point.p50_ms:.1f} ms; by thread: "
+        + ", ".join(f"{group} {ms:.3f}" for group, ms in threads.items()),
         flush=True,
     )
     return point
@@ -293,6 +321,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{shown(med(key, 'compute_ms'))} | **{shown(med(key, 'path_ms'))}** | "
             f"{shown(core)} | {bound} | {med(key, 'p50_ms'):.1f} |"
         )
+    lines += [
+        "",
+        "Where the CPU goes, by the server's threads (CPU-ms a request; each thread is "
+        "counted under the name the server gives it in the kernel, "
+        "`dynprompt/service/threadnames.py`; a tree that names none shows all under "
+        f"*{OTHER}*). The *event loop* is HTTP, JSON, validation, admission and, with "
+        "`--workers 1`, the engine core's side of each request; *core socket* is that side "
+        "in the engine process of `--workers N`; *prepare* batches, collates and calls the "
+        "tokenizer, whose own threads are the *tokenizer pool*.",
+        "",
+        "| server | " + " | ".join(GROUPS) + " |",
+        "|---|" + "---:|" * len(GROUPS),
+    ]
+    for key in servers:
+        cells = [statistics.median(p.threads[g] for p in points[key]) for g in GROUPS]
+        lines.append(f"| {layouts[key]} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     table = "\n".join(lines)
     print(table)
     if not args.no_write:

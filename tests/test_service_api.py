@@ -541,3 +541,14 @@ def test_bad_repository_exits_non_zero_with_the_reason(tmp_path: Path) -> None:
     server = start_server(["--model-repository", str(broken.parent)], wait=False, log_dir=tmp_path)
     assert server.wait(120) != 0
     assert "dynprompt.json" in server.logs() and "variant" in server.logs()
+
+
+def test_the_threads_of_one_process_are_named_by_role(client: httpx.Client, server: Any) -> None:
+    """With one process, the event loop is the main thread; the worker's threads name
+    themselves (and the tokenizer's pool takes its name from the thread that starts it)."""
+    assert client.post("/v1/classify", json={"model": "pre", "inputs": ["a fine film"]}).is_success
+    tasks = Path(f"/proc/{server.pid}/task")
+    names = [(tasks / tid / "comm").read_text().strip() for tid in tasks.iterdir()]
+    assert Path(f"/proc/{server.pid}/comm").read_text().strip() == "dp-loop"
+    for role in ("dp-prepare", "dp-compute", "dp-tokenize"):
+        assert role in names, names

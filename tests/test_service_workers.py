@@ -433,3 +433,36 @@ def test_reload_swaps_the_model_for_every_process(
             return list(await asyncio.gather(*(one() for _ in range(8))))
 
         assert set(asyncio.run(cards())) == {version}
+
+
+def thread_names(pid: int | str) -> list[str]:
+    tasks = Path(f"/proc/{pid}/task")
+    return sorted((tasks / tid / "comm").read_text().strip() for tid in os.listdir(tasks))
+
+
+def test_every_process_names_its_threads_by_role(server: ServerProcess) -> None:
+    """`top -H` and `bench overhead` tell the roles apart: the supervisor, each HTTP
+    process's event loop, and the engine core's socket, prepare, tokenizer and compute
+    threads."""
+    from benchmarks.loadgen import tree_cpu_seconds, tree_thread_cpu_seconds
+
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for text in TEXTS[:4]:
+            assert client.post("/v1/classify", json={"model": "pre", "inputs": [text]}).is_success
+    assert Path(f"/proc/{server.pid}/comm").read_text().strip() == "dp-supervise"
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    names = {pid: thread_names(pid) for pid in children}
+    core = [pid for pid, threads in names.items() if "dp-core" in threads]
+    assert len(core) == 1, names
+    for role in ("dp-prepare", "dp-compute", "dp-tokenize"):
+        assert role in names[core[0]], names[core[0]]
+    # The others: the two HTTP processes, and multiprocessing's resource tracker.
+    fronts = [pid for pid in children if Path(f"/proc/{pid}/comm").read_text() == "dp-loop\n"]
+    assert len(fronts) == 2, names
+    for pid in fronts:
+        assert not {"dp-prepare", "dp-compute", "dp-core"} & set(names[pid])
+    by_name = tree_thread_cpu_seconds(server.pid)
+    assert {"dp-supervise", "dp-core", "dp-loop", "dp-compute"} <= set(by_name)
+    assert by_name["dp-compute"] > 0  # it has run this module's batches
+    # Threads that have ended count in their process's total but in no thread's.
+    assert 0 < sum(by_name.values()) <= tree_cpu_seconds(server.pid) + 0.05

@@ -33,6 +33,7 @@ from dynprompt.service.registry import (
     nothing_served,
 )
 from dynprompt.service.scheduler import BatchLimits
+from dynprompt.service.threadnames import POLL, name_this_thread
 from dynprompt.service.worker import BackboneWorker, Job, ReplyTarget
 
 log = logging.getLogger("dynprompt.service")
@@ -200,6 +201,7 @@ class EngineCore:
 
     # -- polling (--poll-s) ----------------------------------------------------------------
     def _poll_loop(self, period: float) -> None:
+        name_this_thread(POLL)
         while not self._stop.wait(period):
             try:
                 self.poll_once()

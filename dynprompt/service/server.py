@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator
 from types import FrameType
@@ -42,6 +43,7 @@ from dynprompt.service.connections import (
 )
 from dynprompt.service.engine import Admission, CoreHandle, Engine, SharedCounts
 from dynprompt.service.logs import configure_logging
+from dynprompt.service.threadnames import CORE, LOOP, SUPERVISE, TOKENIZE, name_this_thread
 from dynprompt.service.transport import PEER_CHECK_S
 
 log = logging.getLogger("dynprompt.service")
@@ -173,11 +175,27 @@ def settle_heap() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+def start_tokenizer_pool() -> None:
+    """Start the fast tokenizer's thread pool (Rust's rayon, one per process) from a thread
+    named `TOKENIZE`, whose name its threads inherit. Started by whichever thread first
+    tokenises a batch, they would carry that thread's name: the model loader's."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    def start() -> None:
+        name_this_thread(TOKENIZE)
+        Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]")).encode_batch(["a", "b"])
+
+    thread = threading.Thread(target=start, name="dynprompt-tokenize-pool")
+    thread.start()
+    thread.join()
+
+
 def prepare_threads(settings: Settings) -> None:
     """Thread pools of the process that computes: torch's, and the fast tokenizer's.
 
-    The tokenizer's pool (Rust's rayon) sizes itself from `RAYON_NUM_THREADS` when it
-    first runs, which is after this: the models load later.
+    The tokenizer's pool sizes itself from `RAYON_NUM_THREADS` when it starts, here,
+    before any model loads.
     """
     import torch
     from transformers.utils import logging as hf_logging
@@ -185,6 +203,7 @@ def prepare_threads(settings: Settings) -> None:
     torch.set_num_threads(settings.threads or len(os.sched_getaffinity(0)))
     if settings.tokenizer_threads is not None:
         os.environ["RAYON_NUM_THREADS"] = str(settings.tokenizer_threads)
+    start_tokenizer_pool()
     hf_logging.disable_progress_bar()  # the weight-loading bar is not a log line
 
 
@@ -235,6 +254,7 @@ def serve_single(settings: Settings) -> int:
         reload_on_hup=True,
     )
     servers.append(server)
+    name_this_thread(LOOP)
     server.run()
     return server.exit_code
 
@@ -243,6 +263,7 @@ def serve_single(settings: Settings) -> int:
 
 
 def _core_process(settings: Settings, address: str, shared: SharedCounts, parent: int) -> None:
+    name_this_thread(CORE)
     configure_logging(settings.log_level, settings.log_format)
     from dynprompt.service.core import EngineCore, backbone_loader
     from dynprompt.service.transport import serve_core
@@ -304,12 +325,14 @@ def _front_process(
         ignore_sigint=True,
         parent=parent,
     )
+    name_this_thread(LOOP)
     server.run(sockets=[reuseport_socket(settings.host, port)])
     sys.exit(server.exit_code)
 
 
 def supervise(settings: Settings, workers: int) -> int:
     """Bind, start the core and `workers` HTTP processes, and watch them until a signal."""
+    name_this_thread(SUPERVISE)
     spawn = multiprocessing.get_context("spawn")
     # Bound (not listening) for as long as the server runs: the port is taken now, so a
     # clash fails here, and every HTTP process binds it again beside this one.

@@ -38,6 +38,7 @@ from dynprompt.service import protocol
 from dynprompt.service.memory import Trimmer
 from dynprompt.service.protocol import Answer, RowAnswer, Submission
 from dynprompt.service.scheduler import BatchLimits, CostModel, Scheduler
+from dynprompt.service.threadnames import COMPUTE, PREPARE, name_this_thread
 
 
 class Served(Protocol):
@@ -207,6 +208,7 @@ class BackboneWorker:
         """Sleep until a batch can be made (the compute slot is free, and its rows are a full
         batch or the oldest has waited `max_wait`), or a queued request expires; then
         tokenise everything that arrived in one call, and hand over the next batch."""
+        name_this_thread(PREPARE)
         self.backbone.tokenize_rows(["warm up"])  # builds the tokenizer copy before requests
         while True:
             with self._cond:
@@ -391,6 +393,7 @@ class BackboneWorker:
 
     # -- compute thread --------------------------------------------------------------------
     def _compute_loop(self) -> None:
+        name_this_thread(COMPUTE)
         while True:
             with self._cond:
                 while self._slot is None:
