@@ -10,6 +10,7 @@ BENCHMARKS = {
     "onnx": ("benchmarks.onnx_vs_torch", "ONNX Runtime over PyTorch eager"),
     "overhead": ("benchmarks.overhead", "the request path's CPU cost per request, compute aside"),
     "scheduler": ("benchmarks.scheduler", "what choosing a batch costs, by queue depth"),
+    "batching": ("benchmarks.batching", "the model's CPU when the scheduler makes the batches"),
     "gpu": ("benchmarks.gpu", "CUDA: bare ceiling, batch pipeline and server (exits 0 on a CPU)"),
 }
 

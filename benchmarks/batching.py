@@ -1,0 +1,236 @@
+"""Batching under load: the model's CPU per sentence when the server's scheduler picks
+the batches, against batches sorted by length, for several padding tolerances.
+
+    dynprompt bench batching [--rounds 3] [--clients 64] [--tolerances 0.25 0.1 0.05]
+
+`bench serving` compares the HTTP server with an in-process ceiling that sorts all 512
+sentences by length into batches of 32. The server cannot: it batches the rows that are
+queued. This benchmark isolates that difference from the request path and from the
+machine's noise in an HTTP run. It replays the server's closed loop in one thread, with
+the server's own parts:
+
+- `--clients` clients each have one sentence queued; SST-2 dev sentences in the order the
+  load generator sends them (`benchmarks/loadgen.py`);
+- the worker's `Scheduler.take` picks each batch from the rows queued, with the worker's
+  `CostModel` learning the padding budget from the batches' times, as `dynprompt serve`
+  does by default;
+- on a CPU the worker makes the next batch as soon as the current one is done, before the
+  answered clients' next requests arrive: each batch is taken from the queue less the
+  rows the previous batch answered; they rejoin it after the take;
+- `classify_rows`, the server's batch pipeline, computes each batch; the thread's CPU
+  time is what is counted.
+
+Every point runs whole passes over the sentences, rounds interleaved, medians reported.
+Writes the `batching` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.loadgen import sst2_sentences
+from benchmarks.report import device_description, write_section
+from benchmarks.serving import MODELS, PROMPT_LENGTH
+from dynprompt.models import (
+    Backbone,
+    DynPromptModel,
+    TokenizedRow,
+    classify_rows,
+    load_backbone,
+    load_checkpoint,
+)
+from dynprompt.service.config import DEFAULT_REPOSITORY
+from dynprompt.service.scheduler import BatchLimits, CostModel, Scheduler
+from tests.server_util import build_repository
+
+CHOICES = ("probe", "prefix", "default")
+LABELS = {
+    "probe": "`linear_probe`",
+    "prefix": f"`prefix` (L = {PROMPT_LENGTH})",
+    "default": "the shipped default model (L = 50, backbone features)",
+}
+
+
+@dataclass
+class Point:
+    cpu_ms: float  # model CPU per sentence
+    rows: float  # mean rows a batch
+    padding: float  # padded positions over all positions, prompts included
+
+    def shown(self) -> str:
+        return f"{self.cpu_ms:.2f} CPU-ms/sentence, {self.rows:.1f} rows a batch, padding {self.padding:.3f}"
+
+
+def run_batch(
+    backbone: Backbone, model: DynPromptModel, rows: list[TokenizedRow]
+) -> tuple[int, int]:
+    """(padded, real) positions of the batch, prompts included."""
+    _, stats = classify_rows(backbone, [model] * len(rows), backbone.collate(rows))
+    return stats.padded_tokens, stats.real_tokens
+
+
+def sorted_point(
+    backbone: Backbone, model: DynPromptModel, rows: list[TokenizedRow], batch: int
+) -> Point:
+    """The ceiling of `bench serving`: every sentence, sorted by length, in batches."""
+    ordered = sorted(rows, key=lambda r: len(r.input_ids))
+    parts = [ordered[i : i + batch] for i in range(0, len(ordered), batch)]
+    run_batch(backbone, model, parts[0])  # warm
+    cpu, padded, real = time.thread_time(), 0, 0
+    for part in parts:
+        p, r = run_batch(backbone, model, part)
+        padded, real = padded + p, real + r
+    spent = time.thread_time() - cpu
+    return Point(spent * 1000 / len(rows), len(rows) / len(parts), 1 - real / padded)
+
+
+def scheduled_point(
+    backbone: Backbone,
+    model: DynPromptModel,
+    rows: list[TokenizedRow],
+    clients: int,
+    limits: BatchLimits,
+    passes: int,
+) -> Point:
+    """The server's closed loop at `clients`, replayed: see the module's docstring."""
+    prompt = model.config.prompt.length
+    scheduler: Scheduler[TokenizedRow] = Scheduler(limits)
+    costs = CostModel()
+    sent = 0
+
+    def send() -> None:
+        nonlocal sent
+        row = rows[sent % len(rows)]
+        scheduler.add(row, len(row.input_ids) + prompt, float(sent))
+        sent += 1
+
+    for _ in range(clients):
+        send()
+    answered = counted = batches = padded = real = 0
+    cpu = 0.0
+    returning = 0  # answered clients whose next request is not queued yet
+    warm = len(rows) // 2  # the learned budget settles before the count starts
+    while counted < passes * len(rows):
+        batch = scheduler.take()
+        for _ in range(returning):
+            send()
+        start, wall = time.thread_time(), time.perf_counter()
+        padded_now, real_now = run_batch(backbone, model, batch)
+        spent = time.thread_time() - start
+        costs.observe(padded_now, time.perf_counter() - wall)
+        budget = costs.break_even_tokens(limits.max_batch_tokens)
+        if budget is not None:
+            scheduler.padding_budget = budget
+        returning = len(batch)
+        answered += len(batch)
+        if answered > warm:
+            cpu += spent
+            counted += len(batch)
+            batches += 1
+            padded += padded_now
+            real += real_now
+    return Point(cpu * 1000 / counted, counted / batches, 1 - real / padded)
+
+
+def build_models(names: list[str], backbone: Backbone, folder: Path) -> dict[str, DynPromptModel]:
+    """`bench serving`'s seeded checkpoints, and the shipped default model."""
+    seeded = {n: {**MODELS[n], "prompt_length": PROMPT_LENGTH} for n in names if n != "default"}
+    models = build_repository(folder, backbone, seeded) if seeded else {}
+    if "default" in names:
+        shutil.copytree(DEFAULT_REPOSITORY / "sst2", folder / "default")
+        models["default"] = load_checkpoint(folder / "default", backbone=backbone)
+    return models
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    parser.add_argument("--clients", type=int, default=64, help="closed-loop clients")
+    parser.add_argument("--sentences", type=int, default=512, help="SST-2 dev sentences cycled")
+    parser.add_argument("--passes", type=int, default=1, help="counted passes per point")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument(
+        "--tolerances", type=float, nargs="+", default=[0.25, 0.1, 0.05],
+        help="--padding-tolerance values to compare",
+    )  # fmt: skip
+    parser.add_argument("--models", nargs="+", choices=CHOICES, default=["probe", "default"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see serving)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    backbone = load_backbone("minilm")
+    models = build_models(args.models, backbone, Path(tempfile.mkdtemp(prefix="dynprompt-")))
+    rows = backbone.tokenize_rows(sst2_sentences(args.sentences), None, 128)
+    points: dict[tuple[str, float | None], list[Point]] = {}
+    for round_ in range(args.rounds):
+        print(f"round {round_ + 1}/{args.rounds}", flush=True)
+        for name in args.models:
+            model = models[name]
+            key: tuple[str, float | None] = (name, None)
+            point = sorted_point(backbone, model, rows, args.max_batch_size)
+            points.setdefault(key, []).append(point)
+            print(f"  {name} sorted: {point.shown()}", flush=True)
+            for tolerance in args.tolerances:
+                limits = BatchLimits(
+                    max_batch_size=args.max_batch_size, padding_tolerance=tolerance
+                )
+                point = scheduled_point(backbone, model, rows, args.clients, limits, args.passes)
+                points.setdefault((name, tolerance), []).append(point)
+                print(f"  {name} tolerance {tolerance:g}: {point.shown()}", flush=True)
+
+    def med(key: tuple[str, float | None]) -> Point:
+        runs = points[key]
+        return Point(
+            *(statistics.median(getattr(p, f) for p in runs) for f in Point.__annotations__)
+        )
+
+    lines = [
+        "## Batching under load (`dynprompt bench batching`)",
+        "",
+        f"Command: `python -m benchmarks.batching --rounds {args.rounds} --clients {args.clients} "
+        f"--sentences {args.sentences} "
+        f"--tolerances {' '.join(f'{t:g}' for t in args.tolerances)} "
+        f"--models {' '.join(args.models)}`  ",
+        f"Device: {device_description()}; backbone MiniLM-L6 (fp32); {len(rows)} SST-2 dev "
+        f"sentences; batches of at most {args.max_batch_size} rows. The server's closed loop "
+        f"at {args.clients} clients replayed in one thread with the worker's scheduler, its "
+        "learned padding budget and `classify_rows` (see the script's docstring); the model's "
+        f"CPU time per sentence over {args.passes} whole pass(es) after a half-pass warm-up. "
+        f"Medians of {args.rounds} interleaved rounds.",
+        "",
+        "| model | batches made by | CPU-ms / sentence | sorted ceiling / this | rows a batch | padding |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name in args.models:
+        ceiling = med((name, None))
+        for tolerance in [None, *args.tolerances]:
+            p = med((name, tolerance))
+            how = (
+                f"sorting all {len(rows)} by length"
+                if tolerance is None
+                else f"the scheduler, `--padding-tolerance {tolerance:g}`"
+            )
+            lines.append(
+                f"| {LABELS[name]} | {how} | {p.cpu_ms:.2f} | {ceiling.cpu_ms / p.cpu_ms:.3f} "
+                f"| {p.rows:.1f} | {p.padding:.3f} |"
+            )
+    markdown = "\n".join(lines)
+    print(markdown)
+    if not args.no_write:
+        print(f"wrote {write_section('batching', markdown)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
