@@ -42,6 +42,7 @@ class LoadResult:
     completions: list[tuple[float, int]] = field(default_factory=list)  # (time, sentences)
     answered: int = 0  # sentences answered 200 over the whole run, warm-up included
     cpu_ms_per_sentence: float = float("nan")  # filled in by callers that watch the server
+    compute_ms_per_sentence: float = float("nan")  # the same, of its model threads only
 
     @property
     def sentences_per_s(self) -> float:

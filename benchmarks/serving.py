@@ -34,7 +34,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.loadgen import LoadResult, run_load, sst2_sentences, tree_cpu_seconds
+from benchmarks.loadgen import (
+    LoadResult,
+    run_load,
+    sst2_sentences,
+    tree_cpu_seconds,
+    tree_thread_cpu_seconds,
+)
 from benchmarks.report import DOC, device_description, write_section
 from dynprompt.models import (
     Backbone,
@@ -45,6 +51,7 @@ from dynprompt.models import (
     load_checkpoint,
 )
 from dynprompt.service.config import DEFAULT_REPOSITORY
+from dynprompt.service.threadnames import COMPUTE
 from tests.server_util import ServerProcess, build_repository, start_server
 
 PROMPT_LENGTH = 20
@@ -121,6 +128,7 @@ def load(
 ) -> LoadResult:
     """One closed-loop run; also the server process's CPU time per sentence answered."""
     before = tree_cpu_seconds(server.pid)  # every process of the server (--workers N)
+    threads_before = tree_thread_cpu_seconds(server.pid)
     result = asyncio.run(
         run_load(
             server.url,
@@ -133,12 +141,17 @@ def load(
         )
     )
     cpu_s = tree_cpu_seconds(server.pid) - before
+    compute_s = tree_thread_cpu_seconds(server.pid).get(COMPUTE, 0.0) - threads_before.get(
+        COMPUTE, 0.0
+    )
     result.cpu_ms_per_sentence = cpu_s * 1000 / max(result.answered, 1)
+    result.compute_ms_per_sentence = compute_s * 1000 / max(result.answered, 1)
     bad = {s: n for s, n in result.statuses.items() if s != 200}
     if bad:
         raise SystemExit(f"{model} at concurrency {concurrency}: non-200 answers {bad}")
     print(
-        f"  {model}: {result.summary()}, {result.cpu_ms_per_sentence:.1f} CPU ms/sentence",
+        f"  {model}: {result.summary()}, {result.cpu_ms_per_sentence:.1f} CPU ms/sentence "
+        f"({result.compute_ms_per_sentence:.1f} in the model's threads)",
         flush=True,
     )
     return result
@@ -318,6 +331,38 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|---|",
     ]
     lines += [f"| {text} | {a:.3f} | {b:.3f} | {goal} |" for text, (a, b), goal in ratios]
+    # The server's CPU split: its model threads (`dp-compute`) and the rest (request path).
+    model_ms = {
+        name: statistics.median(r.compute_ms_per_sentence for r in results)
+        for name, results in runs.items()
+    }
+    splits = [
+        (f"`linear_probe`, {args.concurrency} clients", "probe", "bare", "bare backbone"),
+        (f"`prefix`, {args.concurrency} clients", "prefix", "offline_prefix", "offline `prefix`"),
+        (
+            f"the shipped default model, {args.concurrency} clients",
+            "default",
+            "offline_default",
+            "offline default",
+        ),
+    ]
+    lines += [
+        "",
+        "Where the server's CPU per sentence goes: its model threads (named `dp-compute` in the "
+        "kernel, `dynprompt/service/threadnames.py`), against the same model in-process, and "
+        "the rest of the server (the request path). Medians over the rounds above, CPU ms a "
+        "sentence:",
+        "",
+        "| server point | whole server | model threads | rest of the server | in-process "
+        "ceiling | ceiling / model threads |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, name, ceiling, ceiling_label in splits:
+        lines.append(
+            f"| {label} | {per[name]:.1f} | {model_ms[name]:.1f} | "
+            f"{per[name] - model_ms[name]:.1f} | {per[ceiling]:.1f} ({ceiling_label}) | "
+            f"{per[ceiling] / model_ms[name]:.3f} |"
+        )
     lines += [
         "",
         "Throughput ratios compare wall-clock rates on a machine whose other load drifts, and a "
