@@ -27,7 +27,6 @@ Writes the `batching` section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import tempfile
 import time
@@ -38,18 +37,15 @@ import torch
 
 from benchmarks.loadgen import sst2_sentences
 from benchmarks.report import device_description, write_section
-from benchmarks.serving import MODELS, PROMPT_LENGTH
+from benchmarks.serving import PROMPT_LENGTH, bench_repository
 from dynprompt.models import (
     Backbone,
     DynPromptModel,
     TokenizedRow,
     classify_rows,
     load_backbone,
-    load_checkpoint,
 )
-from dynprompt.service.config import DEFAULT_REPOSITORY
 from dynprompt.service.scheduler import BatchLimits, CostModel, Scheduler
-from tests.server_util import build_repository
 
 CHOICES = ("probe", "prefix", "default")
 LABELS = {
@@ -140,16 +136,6 @@ def scheduled_point(
     return Point(cpu * 1000 / counted, counted / batches, 1 - real / padded)
 
 
-def build_models(names: list[str], backbone: Backbone, folder: Path) -> dict[str, DynPromptModel]:
-    """`bench serving`'s seeded checkpoints, and the shipped default model."""
-    seeded = {n: {**MODELS[n], "prompt_length": PROMPT_LENGTH} for n in names if n != "default"}
-    models = build_repository(folder, backbone, seeded) if seeded else {}
-    if "default" in names:
-        shutil.copytree(DEFAULT_REPOSITORY / "sst2", folder / "default")
-        models["default"] = load_checkpoint(folder / "default", backbone=backbone)
-    return models
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -170,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     backbone = load_backbone("minilm")
-    models = build_models(args.models, backbone, Path(tempfile.mkdtemp(prefix="dynprompt-")))
+    models = bench_repository(Path(tempfile.mkdtemp(prefix="dynprompt-")), backbone, args.models)
     rows = backbone.tokenize_rows(sst2_sentences(args.sentences), None, 128)
     points: dict[tuple[str, float | None], list[Point]] = {}
     for round_ in range(args.rounds):

@@ -70,6 +70,21 @@ MODELS = {
     },
 }
 CURVE = (1, 2, 4, 8, 16, 32)
+
+
+def bench_repository(
+    folder: Path, backbone: Backbone, names: list[str]
+) -> dict[str, DynPromptModel]:
+    """A repository of `MODELS` (seeded, L = `PROMPT_LENGTH`) and, as "default", the shipped
+    default model (50-token instance_position prompt, backbone features)."""
+    seeded = {n: {**MODELS[n], "prompt_length": PROMPT_LENGTH} for n in names if n != "default"}
+    models = build_repository(folder, backbone, seeded) if seeded else {}
+    if "default" in names:
+        shutil.copytree(DEFAULT_REPOSITORY / "sst2", folder / "default")
+        models["default"] = load_checkpoint(folder / "default", backbone=backbone)
+    return models
+
+
 PNG = DOC.parent / "serving_latency.png"
 
 
@@ -205,12 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     sentences = sst2_sentences(args.sentences)
     backbone = load_backbone("minilm")
     workdir = Path(tempfile.mkdtemp(prefix="dynprompt-bench-"))
-    models = build_repository(workdir / "repo", backbone, {
-        name: {**choices, "prompt_length": PROMPT_LENGTH} for name, choices in MODELS.items()
-    })  # fmt: skip
-    # The shipped default model (50-token instance_position prompt, backbone features).
-    shutil.copytree(DEFAULT_REPOSITORY / "sst2", workdir / "repo" / "default")
-    models["default"] = load_checkpoint(workdir / "repo" / "default", backbone=backbone)
+    models = bench_repository(workdir / "repo", backbone, [*MODELS, "default"])
     # The ceiling batches rows of similar length, as the server does at saturation.
     rows = sorted(backbone.tokenize_rows(sentences, None, 128), key=lambda r: len(r.input_ids))
     batch = args.max_batch_size
