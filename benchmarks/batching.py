@@ -20,6 +20,15 @@ the server's own parts:
 - `classify_rows`, the server's batch pipeline, computes each batch; the thread's CPU
   time is what is counted.
 
+A third kind of point runs the engine itself, as `dynprompt serve --workers 1` wires it
+(`Engine`, `LocalCore`, `EngineCore` and its prepare and compute threads), fed by
+`--clients` coroutines calling `Engine.classify` on an event loop in the same process, with
+no HTTP; its model CPU is the server's own compute metric
+(`dynprompt_compute_cpu_seconds_total`, the compute thread's CPU in `classify_rows`).
+Between the replay and `bench serving`'s server it says whether a model thread that costs
+more than the replayed batches does so because of the engine's threads or of the HTTP
+process around them.
+
 Every point runs whole passes over the sentences, rounds interleaved, medians reported.
 Writes the `batching` section of docs/benchmarks.md.
 """
@@ -27,6 +36,8 @@ Writes the `batching` section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import statistics
 import tempfile
 import time
@@ -46,6 +57,7 @@ from dynprompt.models import (
     load_backbone,
 )
 from dynprompt.service.scheduler import BatchLimits, CostModel, Scheduler
+from tests.server_util import parse_metrics
 
 CHOICES = ("probe", "prefix", "default")
 LABELS = {
@@ -136,6 +148,83 @@ def scheduled_point(
     return Point(cpu * 1000 / counted, counted / batches, 1 - real / padded)
 
 
+def engine_point(
+    repository: Path,
+    name: str,
+    texts: list[str],
+    clients: int,
+    limits: BatchLimits,
+    passes: int,
+    threads: int,
+) -> Point:
+    """The engine's own threads under the closed loop: see the module's docstring."""
+    from dynprompt.service.config import Settings
+    from dynprompt.service.core import EngineCore, backbone_loader
+    from dynprompt.service.engine import Admission, ClassifyCall, Engine
+    from dynprompt.service.server import settle_heap
+    from dynprompt.service.transport import LocalCore
+
+    settings = Settings.model_validate(
+        {
+            "model_repository": repository,
+            "threads": threads,
+            "max_batch_size": limits.max_batch_size,
+            "padding_tolerance": limits.padding_tolerance,
+        }
+    )
+    ids = itertools.count()
+
+    def totals(rendered: bytes) -> dict[str, float]:
+        metrics = parse_metrics(rendered.decode())
+        out: dict[str, float] = {}
+        for (key, labels), value in metrics.items():
+            if key == "dynprompt_prompt_length_sum" and dict(labels).get("model") != name:
+                continue
+            out[key] = out.get(key, 0.0) + value
+        return out
+
+    async def run() -> Point:
+        admission = Admission(settings.max_queue_requests)
+        engine = Engine(settings, admission)
+        core = EngineCore(settings, backbone_loader(settings), admission.value)
+        engine.core = LocalCore(core, asyncio.get_running_loop())
+        await asyncio.to_thread(core.load, settings.repository)
+        settle_heap()  # as the server does once its models are loaded
+        answered = 0
+
+        async def client(until: int) -> None:
+            nonlocal answered
+            while answered < until:
+                index = next(ids)
+                call = ClassifyCall(name, [(texts[index % len(texts)], None)])
+                with engine.observe(f"b{index}", "POST", "/v1/classify") as obs:
+                    await engine.classify(call, obs)
+                    obs.status = 200
+                answered += 1
+
+        try:
+            await asyncio.gather(*(client(len(texts) // 2) for _ in range(clients)))  # warm
+            before = totals(await engine.metrics())
+            await asyncio.gather(*(client(answered + passes * len(texts)) for _ in range(clients)))
+            after = totals(await engine.metrics())
+        finally:
+            await engine.core.close()
+
+        def delta(key: str) -> float:
+            return after.get(key, 0.0) - before.get(key, 0.0)
+
+        rows = delta("dynprompt_batch_size_sum")
+        padded = delta("dynprompt_batch_tokens_sum")
+        real = delta("dynprompt_input_tokens_sum") + delta("dynprompt_prompt_length_sum")
+        return Point(
+            delta("dynprompt_compute_cpu_seconds_total") * 1000 / rows,
+            rows / delta("dynprompt_batch_size_count"),
+            1 - real / padded,
+        )
+
+    return asyncio.run(run())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,31 +240,43 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--models", nargs="+", choices=CHOICES, default=["probe", "default"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see serving)")
+    parser.add_argument(
+        "--no-engine", action="store_true", help="skip the engine points (threads, no HTTP)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     backbone = load_backbone("minilm")
-    models = bench_repository(Path(tempfile.mkdtemp(prefix="dynprompt-")), backbone, args.models)
-    rows = backbone.tokenize_rows(sst2_sentences(args.sentences), None, 128)
-    points: dict[tuple[str, float | None], list[Point]] = {}
+    repository = Path(tempfile.mkdtemp(prefix="dynprompt-"))
+    models = bench_repository(repository, backbone, args.models)
+    texts = sst2_sentences(args.sentences)
+    rows = backbone.tokenize_rows(texts, None, 128)
+    points: dict[tuple[str, float | None, str], list[Point]] = {}
+    kinds = ["replay"] if args.no_engine else ["replay", "engine"]
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}/{args.rounds}", flush=True)
         for name in args.models:
             model = models[name]
-            key: tuple[str, float | None] = (name, None)
             point = sorted_point(backbone, model, rows, args.max_batch_size)
-            points.setdefault(key, []).append(point)
+            points.setdefault((name, None, "sorted"), []).append(point)
             print(f"  {name} sorted: {point.shown()}", flush=True)
-            for tolerance in args.tolerances:
+            for tolerance, kind in itertools.product(args.tolerances, kinds):
                 limits = BatchLimits(
                     max_batch_size=args.max_batch_size, padding_tolerance=tolerance
                 )
-                point = scheduled_point(backbone, model, rows, args.clients, limits, args.passes)
-                points.setdefault((name, tolerance), []).append(point)
-                print(f"  {name} tolerance {tolerance:g}: {point.shown()}", flush=True)
+                if kind == "replay":
+                    point = scheduled_point(
+                        backbone, model, rows, args.clients, limits, args.passes
+                    )
+                else:
+                    point = engine_point(
+                        repository, name, texts, args.clients, limits, args.passes, args.threads
+                    )
+                points.setdefault((name, tolerance, kind), []).append(point)
+                print(f"  {name} tolerance {tolerance:g}, {kind}: {point.shown()}", flush=True)
 
-    def med(key: tuple[str, float | None]) -> Point:
+    def med(key: tuple[str, float | None, str]) -> Point:
         runs = points[key]
         return Point(
             *(statistics.median(getattr(p, f) for p in runs) for f in Point.__annotations__)
@@ -193,19 +294,29 @@ def main(argv: list[str] | None = None) -> int:
         f"at {args.clients} clients replayed in one thread with the worker's scheduler, its "
         "learned padding budget and `classify_rows` (see the script's docstring); the model's "
         f"CPU time per sentence over {args.passes} whole pass(es) after a half-pass warm-up. "
+        "*The engine* rows run the engine itself instead (its prepare and compute threads, "
+        f"{args.clients} coroutine clients calling `Engine.classify` in the same process, no "
+        "HTTP) and count its compute metric. "
         f"Medians of {args.rounds} interleaved rounds.",
         "",
         "| model | batches made by | CPU-ms / sentence | sorted ceiling / this | rows a batch | padding |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    made_by = {
+        "replay": "the scheduler, replayed in one thread",
+        "engine": "the engine's own threads, no HTTP",
+    }
     for name in args.models:
-        ceiling = med((name, None))
-        for tolerance in [None, *args.tolerances]:
-            p = med((name, tolerance))
+        ceiling = med((name, None, "sorted"))
+        keys = [(name, None, "sorted")]
+        keys += [(name, t, kind) for t, kind in itertools.product(args.tolerances, kinds)]
+        for key in keys:
+            p = med(key)
+            _, tolerance, kind = key
             how = (
                 f"sorting all {len(rows)} by length"
                 if tolerance is None
-                else f"the scheduler, `--padding-tolerance {tolerance:g}`"
+                else f"{made_by[kind]}, `--padding-tolerance {tolerance:g}`"
             )
             lines.append(
                 f"| {LABELS[name]} | {how} | {p.cpu_ms:.2f} | {ceiling.cpu_ms / p.cpu_ms:.3f} "

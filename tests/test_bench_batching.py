@@ -1,6 +1,6 @@
-"""`python -m benchmarks.batching` replays the server's closed loop and prints its table
-(one round, a few sentences, nothing written). Its CPU figures are timing and are not
-judged here; the batches' shapes are."""
+"""`python -m benchmarks.batching` replays the server's closed loop, runs the engine's own
+threads under it, and prints its table (one round, a few sentences, nothing written). Its
+CPU figures are timing and are not judged here; the batches' shapes are."""
 
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ def test_the_batching_benchmark_replays_the_closed_loop() -> None:
     ]
     assert [r[1] for r in rows] == [
         "sorting all 64 by length",
-        "the scheduler, `--padding-tolerance 0.25`",
-        "the scheduler, `--padding-tolerance 0`",
+        "the scheduler, replayed in one thread, `--padding-tolerance 0.25`",
+        "the engine's own threads, no HTTP, `--padding-tolerance 0.25`",
+        "the scheduler, replayed in one thread, `--padding-tolerance 0`",
+        "the engine's own threads, no HTTP, `--padding-tolerance 0`",
     ]
     for _, _, cpu_ms, ratio, _, padding in rows:
         assert float(cpu_ms) > 0 and float(ratio) > 0
