@@ -173,6 +173,9 @@ def classify_count(url: str) -> float:
     )
 
 
+# pytest-timeout's limit (900 s, pyproject) would cut a longer soak short: the test's own
+# limit covers its duration plus the start-up and the checks after it.
+@pytest.mark.timeout(max(900, SECONDS + 600))
 def test_soak(setup: Any) -> None:
     server, models, expected = setup
     proc = psutil.Process(server.pid)
