@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from dynprompt.models import (
     predict,
     save_checkpoint,
 )
+from dynprompt.service.protocol import Answer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -322,3 +324,22 @@ def sample(
     metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
 ) -> float:
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class Collect:
+    """A reply target of the engine core (in-process tests) that keeps every answer by ticket."""
+
+    def __init__(self) -> None:
+        self.answers: dict[int, Answer] = {}
+        self.cond = threading.Condition()
+
+    def deliver(self, answers: list[Answer]) -> None:
+        with self.cond:
+            for answer in answers:
+                self.answers[answer.ticket] = answer
+            self.cond.notify_all()
+
+    def wait(self, ticket: int, timeout: float = 60) -> Answer:
+        with self.cond:
+            assert self.cond.wait_for(lambda: ticket in self.answers, timeout), "no answer"
+            return self.answers[ticket]

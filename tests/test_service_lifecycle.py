@@ -32,30 +32,11 @@ from dynprompt.service.metrics import ServiceMetrics
 from dynprompt.service.protocol import Answer, Submission
 from dynprompt.service.registry import Registry, RepositoryError
 from dynprompt.service.scheduler import BatchLimits
-from tests.server_util import build_model, offline_predictions, start_server
+from tests.server_util import Collect, build_model, offline_predictions, start_server
 
 TEXTS = ["a gripping, funny film", "dull and far too long"]
 PREFIX = {"variant": "prefix", "feature": "embeddings", "labels": ["negative", "positive"]}
 _TICKETS = itertools.count(1)
-
-
-class Collect:
-    """A reply target that keeps every answer by ticket."""
-
-    def __init__(self) -> None:
-        self.answers: dict[int, Answer] = {}
-        self.cond = threading.Condition()
-
-    def deliver(self, answers: list[Answer]) -> None:
-        with self.cond:
-            for answer in answers:
-                self.answers[answer.ticket] = answer
-            self.cond.notify_all()
-
-    def wait(self, ticket: int, timeout: float = 60) -> Answer:
-        with self.cond:
-            assert self.cond.wait_for(lambda: ticket in self.answers, timeout), "no answer"
-            return self.answers[ticket]
 
 
 def classify(core: EngineCore, model: str, version: int | None = None) -> Answer:

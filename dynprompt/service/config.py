@@ -125,8 +125,9 @@ class Settings(BaseModel):
         None,
         ge=1,
         le=256,
-        description="threads of the fast tokenizer (Rust) that tokenise each batch; on a "
-        "busy CPU one costs less CPU per sentence, more are faster on idle cores",
+        description="threads of the engine's fast tokenizer (Rust) that tokenise each batch "
+        "(with --workers N the HTTP processes tokenise their own requests, in one thread "
+        "each); on a busy CPU one costs less CPU per sentence, more are faster on idle cores",
     )
     max_batch_size: int = Field(32, ge=1, le=4096, description="most rows in one forward")
     max_batch_tokens: int = Field(

@@ -337,7 +337,9 @@ class EngineCore:
             self.metrics.observe_request(record, record.model in served)
 
     # -- control calls ---------------------------------------------------------------------
-    CALLS = frozenset({"status", "models", "model", "model_names", "reload", "render_metrics"})
+    CALLS = frozenset(
+        {"status", "models", "model", "model_names", "reload", "render_metrics", "input_specs"}
+    )
 
     def call(self, method: str, *args: Any) -> Any:
         """A front end's control call by name; expected refusals raise `CoreError`."""
@@ -376,6 +378,22 @@ class EngineCore:
 
     def model_names(self) -> list[str]:
         return self.registry.current.names
+
+    def input_specs(self, known: list[str]) -> dict[str, Any]:
+        """How each served model (its newest version) tokenises, for front ends that tokenise
+        their own requests (`service.pretokenize`), with the tokenizers they lack (`known`:
+        the identities of those they hold). A model with a slow tokenizer is left out."""
+        models: dict[str, tuple[str, int, str, bool]] = {}
+        tokenizers: dict[str, Any] = {}
+        for name, entry in self.registry.current.models.items():
+            rows = entry.worker.backbone.row_tokenizer()
+            if rows is None:
+                continue
+            spec = entry.config.input
+            models[name] = (rows.identity, spec.max_length, spec.truncation_side, entry.takes_pairs)
+            if rows.identity not in known:
+                tokenizers[rows.identity] = rows.to_wire()
+        return {"models": models, "tokenizers": tokenizers}
 
     def render_metrics(self) -> bytes:
         return self.metrics.render()

@@ -11,6 +11,7 @@ byte to its last and records it — metrics and the access log line — in one p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import itertools
 import logging
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 from dynprompt.service import errors, protocol
 from dynprompt.service.config import Settings
 from dynprompt.service.logs import AccessLog
+from dynprompt.service.pretokenize import Pretokenizer
 from dynprompt.service.protocol import (
     Answer,
     CoreError,
@@ -161,6 +163,8 @@ class Engine:
         self.settings = settings
         self.core: CoreHandle = core if core is not None else _Unconnected()
         self.admission = admission
+        # Set in the HTTP processes of `--workers N`: they tokenise, not the engine core.
+        self.pretokenizer: Pretokenizer | None = None
         self.access_log = AccessLog()
         self.draining = False
         self.inflight = 0  # admitted in this process
@@ -210,6 +214,8 @@ class Engine:
         with self.permit():
             ticket = next(self._tickets)
             now = time.monotonic()
+            made = await self.pretokenizer.tokens(call) if self.pretokenizer is not None else None
+            tokens, key = made if made is not None else (None, None)
             sub = Submission(
                 ticket,
                 obs.request_id,
@@ -220,6 +226,8 @@ class Engine:
                 now + self.settings.queue_timeout_s,
                 call.version,
                 call.truncation_side,
+                tokens,
+                key,
             )
             answer = await self._wait(self.core.submit(sub), ticket, client_gone)
         obs.model, obs.queue_s, obs.compute_s = answer.model, answer.queue_s, answer.compute_s
@@ -295,6 +303,9 @@ class Engine:
             if exc.kind == "not_ready":
                 raise errors.unavailable("not_ready", exc.message) from exc
             raise errors.ServiceError(409, "reload_failed", exc.message) from exc
+        if self.pretokenizer is not None:  # tokenise for the new models from now on
+            with contextlib.suppress(CoreError):  # else the periodic refresh tries again
+                await self.pretokenizer.refresh(self.core)
         return report
 
     async def metrics(self) -> bytes:

@@ -166,6 +166,12 @@ class ServiceMetrics:
             "kernels on a GPU; all of the work on a CPU).",
             ["backbone"], registry=r,
         )  # fmt: skip
+        self.tokenized_rows = Counter(
+            p + "tokenized_rows", "Input rows tokenised, by where: `http` (in the HTTP "
+            "processes of --workers N) or `engine` (in the engine core).",
+            ["where"], registry=r,
+        )  # fmt: skip
+        self._tokenized = {where: self.tokenized_rows.labels(where) for where in ("http", "engine")}
         self.input_tokens = RequestHistogram(
             p + "input_tokens", "Tokens per input row (specials included, prompt excluded).",
             (), INPUT_TOKEN_BUCKETS, r, lock,
@@ -231,6 +237,13 @@ class ServiceMetrics:
         self.batch_tokens.observe(padded)
         self.batch_padding_ratio.observe(1.0 - real / padded if padded else 0.0)
         self.batch_models.observe(models)
+
+    def observe_tokenized(self, http: int, engine: int) -> None:
+        """Rows a worker took in: tokenised by the front ends, and by itself."""
+        if http:
+            self._tokenized["http"].inc(http)
+        if engine:
+            self._tokenized["engine"].inc(engine)
 
     def observe_request(self, record: Record, served: bool) -> None:
         """One finished classify request; `served`: its model is in the served set."""

@@ -45,6 +45,11 @@ class Submission(NamedTuple):
     version: int | None = None  # a pinned model version; None: the newest
     # "right" or "left"; None: the model's own. A side other than the model's is refused.
     truncation_side: str | None = None
+    # The inputs already tokenised by the front end (`--workers N`): per input, (input ids,
+    # token types, truncated), made under `tokens_key` (`RowTokenizer.key`). The core uses
+    # them only if its model makes rows under the same key, and tokenises `inputs` if not.
+    tokens: list[tuple[list[int], list[int], bool]] | None = None
+    tokens_key: str | None = None
 
 
 class RowAnswer(NamedTuple):

@@ -458,7 +458,13 @@ class Registry:
             worker = self._workers.get(id(backbone))
             if worker is None:
                 label = private_label if private else backbone.name_or_path
-                worker = BackboneWorker(backbone, label, self.limits, self.metrics.observe_batch)
+                worker = BackboneWorker(
+                    backbone,
+                    label,
+                    self.limits,
+                    self.metrics.observe_batch,
+                    self.metrics.observe_tokenized,
+                )
                 self._workers[id(backbone)] = worker
             return worker
 

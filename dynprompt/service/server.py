@@ -304,7 +304,12 @@ def _front_process(
     core: int,
 ) -> None:
     configure_logging(settings.log_level, settings.log_format)
+    # This process tokenises its own requests (`pretokenize`) in the calling thread: a pool
+    # of the tokenizer's threads per HTTP process would cost more CPU in wake-ups than it
+    # saves on the few rows of a request, and the other cores serve the other processes.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from dynprompt.service.app import create_app
+    from dynprompt.service.pretokenize import Pretokenizer
     from dynprompt.service.transport import RemoteCore
 
     engine = Engine(settings, Admission(settings.max_queue_requests, shared, slot))
@@ -312,10 +317,13 @@ def _front_process(
     @contextlib.asynccontextmanager
     async def connect() -> AsyncIterator[CoreHandle]:
         handle = RemoteCore(address, core_pid=core)
+        engine.pretokenizer = Pretokenizer()
+        refresh = asyncio.ensure_future(engine.pretokenizer.keep_fresh(handle))
         settle_heap()
         try:
             yield handle
         finally:
+            refresh.cancel()
             await handle.close()
 
     server = DrainingServer(

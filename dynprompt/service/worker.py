@@ -121,6 +121,7 @@ class BackboneWorker:
         label: str,
         limits: BatchLimits,
         on_batch: BatchObserver | None = None,
+        on_tokenized: Callable[[int, int], None] | None = None,
     ) -> None:
         self.backbone = backbone
         self.label = label
@@ -130,6 +131,7 @@ class BackboneWorker:
         self._logged_budget: int | None = None
         self._logged_at = 0.0
         self._on_batch = on_batch
+        self._on_tokenized = on_tokenized  # (rows the front ends tokenised, rows done here)
         self._cond = threading.Condition()
         self._inbox: list[Job] = []
         self._inbox_rows = 0
@@ -301,16 +303,31 @@ class BackboneWorker:
             spec = job.entry.config.input
             side = job.sub.truncation_side or spec.truncation_side  # a request may choose
             groups[(spec.max_length, side)].append(job)
+        tokenizer = self.backbone.row_tokenizer()
         for (max_length, side), members in groups.items():
-            texts = [text for job in members for text, _ in job.sub.inputs]
-            pairs = [pair for job in members for _, pair in job.sub.inputs]
-            rows = self.backbone.tokenize_rows(
-                texts, pairs if any(p is not None for p in pairs) else None, max_length, side
-            )
-            at = 0
+            key = tokenizer.key(max_length, side) if tokenizer is not None else None
+            ours = []  # the jobs this thread tokenises; the front ends did the others
+            for job in members:
+                given = job.sub.tokens
+                if key is None or job.sub.tokens_key != key or given is None:
+                    ours.append(job)
+                else:  # made under this key: exactly the rows made here
+                    job.rows = [TokenizedRow(ids, types, cut) for ids, types, cut in given]
+            if ours:
+                texts = [text for job in ours for text, _ in job.sub.inputs]
+                pairs = [pair for job in ours for _, pair in job.sub.inputs]
+                rows = self.backbone.tokenize_rows(
+                    texts, pairs if any(p is not None for p in pairs) else None, max_length, side
+                )
+                at = 0
+                for job in ours:
+                    n = len(job.sub.inputs)
+                    job.rows, at = rows[at : at + n], at + n
+            if self._on_tokenized is not None:
+                mine = sum(len(job.sub.inputs) for job in ours)
+                self._on_tokenized(sum(len(job.sub.inputs) for job in members) - mine, mine)
             for job in members:
                 n = len(job.sub.inputs)
-                job.rows, at = rows[at : at + n], at + n
                 long = next((i for i, r in enumerate(job.rows) if r.truncated), None)
                 if long is not None and not job.sub.truncate:
                     message = (
