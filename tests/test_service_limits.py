@@ -104,3 +104,27 @@ def test_oversized_headers_are_refused(server: ServerProcess) -> None:
             pass
     assert reply == b"" or reply.startswith((b"HTTP/1.1 4", b"HTTP/1.0 4")), reply[:200]
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_an_answer_costs_the_event_loop_one_write(tmp_path: Path, minilm: Backbone) -> None:
+    """uvicorn writes a response's head and its body apart; the connection's transport joins
+    the writes of one turn of the event loop (`connections.CoalescingTransport`), so an
+    answer leaves in one send. Counted by the kernel: the event loop thread's write calls."""
+    build_repository(tmp_path / "repo", minilm, MODELS)
+    with start_server(
+        ["--model-repository", str(tmp_path / "repo"), "--log-level", "warning"], log_dir=tmp_path
+    ) as proc:
+        io = Path(f"/proc/{proc.pid}/task/{proc.pid}/io")  # the main thread runs the loop
+
+        def writes() -> int:
+            fields = dict(line.split(": ") for line in io.read_text().splitlines())
+            return int(fields["syscw"])
+
+        with httpx.Client(base_url=proc.url, timeout=60) as client:
+            body = {"model": "dyn", "inputs": ["a fine film"]}
+            assert client.post("/v1/classify", json=body).status_code == 200
+            before = writes()
+            for _ in range(20):
+                assert client.post("/v1/classify", json=body).status_code == 200
+            assert client.get("/health").status_code == 200
+            assert writes() - before == 21

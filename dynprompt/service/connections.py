@@ -48,6 +48,42 @@ def raise_fd_limit() -> int:
     return soft
 
 
+class CoalescingTransport:
+    """A connection's transport whose writes of one turn of the event loop leave in one send.
+
+    uvicorn writes a response's head and its body separately, so each answer cost two
+    sends; on loopback, or wherever the client is near, each send also pays for the TCP
+    segment's way in and out of the kernel. Everything but `write` is the transport's own.
+    """
+
+    __slots__ = ("_transport", "_loop", "_pending")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def guarded_protocol(
     *,
     header_timeout_s: float,
@@ -66,7 +102,7 @@ def guarded_protocol(
         _body_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
             self._head_deadline = self.loop.call_later(header_timeout_s, self._head_timeout)
             if len(self.server_state.connections) > max_connections:
                 refused_at[1] += 1

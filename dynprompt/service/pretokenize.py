@@ -126,7 +126,11 @@ class Pretokenizer:
             specs[(id(spec), side)] = spec
             groups.setdefault((id(spec), side), []).append((call, future))
         for (ref, side), members in groups.items():
-            made = self._make(specs[(ref, side)], side, [call for call, _ in members])
+            try:
+                made = self._make(specs[(ref, side)], side, [call for call, _ in members])
+            except Exception:  # a bug: the core tokenises these, and no request hangs
+                log.exception("tokenising in the HTTP process failed; the engine tokenises")
+                made = [None] * len(members)
             for (_, future), result in zip(members, made, strict=True):
                 if not future.done():
                     future.set_result(result)

@@ -324,6 +324,8 @@ def _front_process(
             yield handle
         finally:
             refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresh
             await handle.close()
 
     server = DrainingServer(
