@@ -309,7 +309,9 @@ class BackboneWorker:
             ours = []  # the jobs this thread tokenises; the front ends did the others
             for job in members:
                 given = job.sub.tokens
-                if key is None or job.sub.tokens_key != key or given is None:
+                # Made under another key (or, a front end's bug, not one row per input).
+                mismatch = job.sub.tokens_key != key or len(given or ()) != len(job.sub.inputs)
+                if key is None or given is None or mismatch:
                     ours.append(job)
                 else:  # made under this key: exactly the rows made here
                     job.rows = [TokenizedRow(ids, types, cut) for ids, types, cut in given]
