@@ -19,7 +19,6 @@ import pytest
 from dynprompt.models import Backbone, DynPromptModel, save_checkpoint
 from dynprompt.service.config import Settings
 from dynprompt.service.core import EngineCore
-from dynprompt.service.engine import ClassifyCall
 from dynprompt.service.pretokenize import Pretokenizer
 from dynprompt.service.protocol import Answer, Submission
 from dynprompt.service.transport import LocalCore
@@ -121,36 +120,36 @@ def test_the_front_end_tokenises_as_the_core_would_and_follows_a_reload(
     async def run() -> None:
         front = Pretokenizer()
         handle = LocalCore(core, asyncio.get_running_loop())
-        assert await front.tokens(ClassifyCall("m", [(SHORT, None)])) is None  # not known yet
+        assert await front.tokens("m", [(SHORT, None)]) is None  # not known yet
         await front.refresh(handle)
         assert front.models == ["m"]
         for name in ("m", None):  # None: the only served model
-            got = await front.tokens(ClassifyCall(name, [(t, None) for t in TEXTS]))
+            got = await front.tokens(name, [(t, None) for t in TEXTS])
             assert got == (rows_of(tokenizer, TEXTS, 32), tokenizer.key(32, "right"))
         # Calls of one turn of the event loop are tokenised together: each gets its own rows.
-        calls = [ClassifyCall("m", [(t, None)] * (1 + i % 3)) for i, t in enumerate(TEXTS)]
-        together = await asyncio.gather(*(front.tokens(call) for call in calls))
+        calls = [[(t, None)] * (1 + i % 3) for i, t in enumerate(TEXTS)]
+        together = await asyncio.gather(*(front.tokens("m", inputs) for inputs in calls))
         key = tokenizer.key(32, "right")
         assert together == [
             (rows_of(tokenizer, [t] * (1 + i % 3), 32), key) for i, t in enumerate(TEXTS)
         ]
         # Eight rows go through a thread, off the event loop: the same rows.
-        got = await front.tokens(ClassifyCall("m", [(t, None) for t in TEXTS * 2]))
+        got = await front.tokens("m", [(t, None) for t in TEXTS * 2])
         assert got is not None and got[0] == rows_of(tokenizer, TEXTS * 2, 32)
-        left = await front.tokens(ClassifyCall("m", [(LONG, None)], truncation_side="left"))
+        left = await front.tokens("m", [(LONG, None)], "left")
         assert left is not None and left[1] == tokenizer.key(32, "left")
-        assert await front.tokens(ClassifyCall("m", [(SHORT, "a pair")])) is None
-        assert await front.tokens(ClassifyCall("other", [(SHORT, None)])) is None
+        assert await front.tokens("m", [(SHORT, "a pair")]) is None
+        assert await front.tokens("other", [(SHORT, None)]) is None
 
         replacement = write(tmp_path, minilm, 48)  # a reload changes how "m" tokenises
         await handle.call("reload")
-        stale = await front.tokens(ClassifyCall("m", [(LONG, None)]))
+        stale = await front.tokens("m", [(LONG, None)])
         assert stale is not None and stale[1] == tokenizer.key(32, "right")
         answer = submit(core, LONG, *stale)  # the core tokenises LONG to 48 itself
         (want,) = offline_predictions(replacement, [LONG])
         assert answer.rows[0].probs == pytest.approx(want.probs, abs=1e-5)
         await front.refresh(handle)
-        fresh = await front.tokens(ClassifyCall("m", [(LONG, None)]))
+        fresh = await front.tokens("m", [(LONG, None)])
         assert fresh == (rows_of(tokenizer, [LONG], 48), tokenizer.key(48, "right"))
 
     asyncio.run(run())

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from dynprompt.service.registry import ModelEntry, Registry, RepositoryError
 from dynprompt.service.scheduler import BatchLimits, CostModel, Scheduler
 from dynprompt.service.worker import BackboneWorker, Job
 from tests.server_util import (
+    Collect,
     build_model,
     build_repository,
     offline_predictions,
@@ -32,25 +32,8 @@ SHORT, LONG = "fine", "a long and winding sentence that goes on about the film "
 _TICKETS = itertools.count(1)
 
 
-class Collect:
-    """A reply target that keeps every answer, by ticket."""
-
-    def __init__(self) -> None:
-        self.answers: dict[int, Answer] = {}
-        self.done = threading.Condition()
-
-    def deliver(self, answers: list[Answer]) -> None:
-        with self.done:
-            for answer in answers:
-                self.answers[answer.ticket] = answer
-            self.done.notify_all()
-
-    def wait(self, jobs: list[Job], timeout: float = 60) -> list[Answer]:
-        deadline = time.monotonic() + timeout
-        with self.done:
-            while not all(j.sub.ticket in self.answers for j in jobs):
-                assert self.done.wait(max(0.0, deadline - time.monotonic())), "no answer"
-        return [self.answers[j.sub.ticket] for j in jobs]
+def answers_of(target: Collect, jobs: list[Job], timeout: float = 60) -> list[Answer]:
+    return [target.wait(j.sub.ticket, timeout) for j in jobs]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +89,7 @@ def test_rows_are_grouped_by_length(
     for j in jobs:
         worker.submit(j)  # all queued before the threads start
     worker.start()
-    answers = target.wait(jobs)
+    answers = answers_of(target, jobs)
     worker.stop(10)
     assert [b[3] for b in batches] == sizes
     no_padding = all(padded == real for *_, padded, real, _ in batches)
@@ -222,7 +205,7 @@ def test_batch_closes_at_the_token_budget(model: DynPromptModel) -> None:
     jobs = [job(entry, target, [LONG] * 7)]
     worker.submit(jobs[0])
     worker.start()
-    (answer,) = target.wait(jobs)
+    (answer,) = answers_of(target, jobs)
     worker.stop(10)
     assert [b[3] for b in batches] == [3, 3, 1]
     assert all(padded <= 3 * cost for *_, padded, _, _ in batches)
@@ -238,7 +221,7 @@ def test_cancelled_jobs_are_skipped(model: DynPromptModel) -> None:
     worker.submit(kept)
     assert worker.cancel(gone) and worker.cancel(gone)  # idempotent while queued
     worker.start()
-    target.wait([kept])
+    answers_of(target, [kept])
     worker.stop(10)
     assert [b[3] for b in batches] == [1] and gone.sub.ticket not in target.answers
     assert not worker.cancel(kept)  # finished jobs cannot be cancelled
@@ -265,7 +248,7 @@ def test_a_failing_batch_fails_only_its_own_jobs(
     for j in jobs:
         worker.submit(j)
     worker.start()
-    a, b, c = target.wait(jobs)
+    a, b, c = answers_of(target, jobs)
     worker.stop(10)
     assert b.error == protocol.INTERNAL and "request id b" in b.message
     assert a.error is None and c.error is None and len(a.rows) == len(c.rows) == 1
@@ -278,7 +261,7 @@ def test_a_request_not_started_by_its_deadline_is_answered_503(model: DynPromptM
     late = job(entry, target, [SHORT], "late", timeout=0.3)
     worker.submit(late)
     worker.start()
-    (answer,) = target.wait([late], timeout=20)
+    (answer,) = answers_of(target, [late], timeout=20)
     worker.stop(10)
     assert answer.error == protocol.QUEUE_TIMEOUT and answer.queue_s is None
 
@@ -327,7 +310,7 @@ def test_registry_shares_backbones_and_runs_half_precision(
     jobs = [job(served.models[name], target, texts, name) for name in ("a", "b")]
     for j in jobs:
         served.workers[0].submit(j)
-    answers = target.wait(jobs)
+    answers = answers_of(target, jobs)
     registry.stop(10)
     for name, answer in zip(("a", "b"), answers, strict=True):
         for g, want in zip(answer.rows, offline_predictions(models[name], texts), strict=True):
@@ -381,7 +364,7 @@ def test_out_of_memory_splits_lowers_the_cap_and_recovers(
     for j in jobs:
         worker.submit(j)
     worker.start()
-    big, huge = target.wait(jobs)
+    big, huge = answers_of(target, jobs)
     assert huge.error == protocol.OUT_OF_MEMORY and big.error is None
     want = offline_predictions(model, texts)
     for got, ref in zip(big.rows, want, strict=True):
@@ -392,7 +375,7 @@ def test_out_of_memory_splits_lowers_the_cap_and_recovers(
     for i in range(4):
         more = job(entry, target, [SHORT], f"r{i}")
         worker.submit(more)
-        target.wait([more])
+        answers_of(target, [more])
     worker.stop(10)
     assert worker.row_cap > low  # clean batches let the cap grow back
 
@@ -411,7 +394,7 @@ def test_deadlines_leave_with_their_jobs_and_expiry_still_answers(model: DynProm
     worker._intake([stale], [])  # queued, then nothing wakes the worker before its deadline
     time.sleep(0.4)
     worker.start()
-    answers = target.wait([*jobs, late, stale])
+    answers = answers_of(target, [*jobs, late, stale])
     assert all(a.error is None and len(a.rows) == 2 for a in answers[:12])
     assert answers[12].error == answers[13].error == protocol.QUEUE_TIMEOUT
     deadline = time.monotonic() + 5

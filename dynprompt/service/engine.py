@@ -214,7 +214,11 @@ class Engine:
         with self.permit():
             ticket = next(self._tickets)
             now = time.monotonic()
-            made = await self.pretokenizer.tokens(call) if self.pretokenizer is not None else None
+            made = (
+                await self.pretokenizer.tokens(call.model, call.inputs, call.truncation_side)
+                if self.pretokenizer is not None
+                else None
+            )
             tokens, key = made if made is not None else (None, None)
             sub = Submission(
                 ticket,

@@ -18,13 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from dynprompt.service.protocol import CoreError
 from dynprompt.tokenizing import RowTokenizer
-
-if TYPE_CHECKING:
-    from dynprompt.service.engine import ClassifyCall, CoreHandle
 
 log = logging.getLogger("dynprompt.service")
 
@@ -34,7 +31,14 @@ STARTING_S = 0.2
 # the others meanwhile (the Rust tokenizer releases the interpreter lock).
 INLINE_ROWS = 4
 
+Inputs = list[tuple[str, str | None]]
 Tokens = list[tuple[list[int], list[int], bool]]
+
+
+class Caller(Protocol):
+    """The part of the engine core's handle (`engine.CoreHandle`) this needs."""
+
+    async def call(self, method: str, *args: Any) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +54,13 @@ class Pretokenizer:
         self._specs: dict[str, Spec] = {}
         self._tokenizers: dict[str, RowTokenizer] = {}
         self._failure: str | None = None
-        self._waiting: list[tuple[Spec, str, ClassifyCall, asyncio.Future[Any]]] = []
+        self._waiting: list[tuple[Spec, str, Inputs, asyncio.Future[Any]]] = []
 
     @property
     def models(self) -> list[str]:
         return sorted(self._specs)
 
-    async def refresh(self, core: CoreHandle) -> None:
+    async def refresh(self, core: Caller) -> None:
         """Take the core's current specs (tokenizers no served model uses are dropped)."""
         reply: dict[str, Any] = await core.call("input_specs", list(self._tokenizers))
         tokenizers = dict(self._tokenizers)
@@ -72,7 +76,7 @@ class Pretokenizer:
         self._specs = specs
         self._tokenizers = {k: v for k, v in tokenizers.items() if k in used}
 
-    async def keep_fresh(self, core: CoreHandle, period: float = REFRESH_S) -> None:
+    async def keep_fresh(self, core: Caller, period: float = REFRESH_S) -> None:
         """Refresh every `period` seconds for the process's lifetime (a task)."""
         while True:
             try:
@@ -90,44 +94,45 @@ class Pretokenizer:
             # ask again soon: meanwhile the core tokenises every request.
             await asyncio.sleep(period if self._specs else min(period, STARTING_S))
 
-    async def tokens(self, call: ClassifyCall) -> tuple[Tokens, str] | None:
-        """The call's rows and the key they were made under; None where the core must
-        tokenise (a model this process does not know yet, inputs of the wrong form).
+    async def tokens(
+        self, model: str | None, inputs: Inputs, truncation_side: str | None = None
+    ) -> tuple[Tokens, str] | None:
+        """The rows of a request's inputs for `model` (None: the only served one) and the
+        key they were made under; None where the core must tokenise (a model this process
+        does not know yet, inputs of the wrong form).
 
         Calls made in one turn of the event loop are tokenised together, one call of the
         tokenizer per spec at the end of the turn (`_flush`): requests come in bursts (the
         answers of one batch go out together, and their clients send again together), and
         a tokenizer call per request cost the event loop about 1.7 times the CPU per row.
         """
-        if call.model is not None:
-            spec = self._specs.get(call.model)
+        if model is not None:
+            spec = self._specs.get(model)
         else:  # the only served model, as the core reads it
             spec = next(iter(self._specs.values())) if len(self._specs) == 1 else None
         if spec is None:
             return None
-        if any((pair is not None) != spec.takes_pairs for _, pair in call.inputs):
+        if any((pair is not None) != spec.takes_pairs for _, pair in inputs):
             return None  # the core refuses it
-        side = call.truncation_side or spec.truncation_side
-        if len(call.inputs) > INLINE_ROWS:
-            return (await asyncio.to_thread(self._make, spec, side, [call]))[0]
+        side = truncation_side or spec.truncation_side
+        if len(inputs) > INLINE_ROWS:
+            return (await asyncio.to_thread(self._make, spec, side, [inputs]))[0]
         future: asyncio.Future[tuple[Tokens, str] | None] = (
             asyncio.get_running_loop().create_future()
         )
-        self._waiting.append((spec, side, call, future))
+        self._waiting.append((spec, side, inputs, future))
         if len(self._waiting) == 1:
             asyncio.get_running_loop().call_soon(self._flush)
         return await future
 
     def _flush(self) -> None:
         waiting, self._waiting = self._waiting, []
-        groups: dict[tuple[int, str], list[tuple[ClassifyCall, asyncio.Future[Any]]]] = {}
-        specs: dict[tuple[int, str], Spec] = {}
-        for spec, side, call, future in waiting:
-            specs[(id(spec), side)] = spec
-            groups.setdefault((id(spec), side), []).append((call, future))
-        for (ref, side), members in groups.items():
+        groups: dict[tuple[Spec, str], list[tuple[Inputs, asyncio.Future[Any]]]] = {}
+        for spec, side, inputs, future in waiting:
+            groups.setdefault((spec, side), []).append((inputs, future))
+        for (spec, side), members in groups.items():
             try:
-                made = self._make(specs[(ref, side)], side, [call for call, _ in members])
+                made = self._make(spec, side, [inputs for inputs, _ in members])
             except Exception:  # a bug: the core tokenises these, and no request hangs
                 log.exception("tokenising in the HTTP process failed; the engine tokenises")
                 made = [None] * len(members)
@@ -136,19 +141,19 @@ class Pretokenizer:
                     future.set_result(result)
 
     @staticmethod
-    def _make(spec: Spec, side: str, calls: list[ClassifyCall]) -> list[tuple[Tokens, str] | None]:
-        """Each call's rows, from one call of the tokenizer."""
-        texts = [text for call in calls for text, _ in call.inputs]
-        pairs = [pair for call in calls for _, pair in call.inputs] if spec.takes_pairs else None
+    def _make(spec: Spec, side: str, requests: list[Inputs]) -> list[tuple[Tokens, str] | None]:
+        """Each request's rows, from one call of the tokenizer."""
+        texts = [text for inputs in requests for text, _ in inputs]
+        pairs = [pair for inputs in requests for _, pair in inputs] if spec.takes_pairs else None
         try:
             rows = spec.tokenizer.tokenize_rows(texts, pairs, spec.max_length, side)
         except ValueError:
-            return [None] * len(calls)  # the core says what is wrong with them
+            return [None] * len(requests)  # the core says what is wrong with them
         key = spec.tokenizer.key(spec.max_length, side)
         made: list[tuple[Tokens, str] | None] = []
         at = 0
-        for call in calls:
-            n = len(call.inputs)
+        for inputs in requests:
+            n = len(inputs)
             made.append(
                 ([(r.input_ids, r.token_type_ids, r.truncated) for r in rows[at : at + n]], key)
             )
