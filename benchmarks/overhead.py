@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import floor
 from benchmarks.loadgen import run_load, sst2_sentences, tree_cpu_seconds, tree_thread_cpu_seconds
 from benchmarks.report import write_section
 from dynprompt.models import make_config, save_checkpoint
@@ -51,6 +52,7 @@ from tests.server_util import HOST, ServerProcess, free_port, sample, scrape, st
 
 PROMPT_LENGTH = 20
 GOAL_MS = 0.25
+TOKENIZER_BATCH = 32  # the server's default --max-batch-size
 # The server's threads by their kernel names (`dynprompt/service/threadnames.py`).
 THREAD_GROUPS = {
     threadnames.LOOP: "event loop",
@@ -213,6 +215,22 @@ def measure(
     return point
 
 
+def measure_floor(
+    server: ServerProcess, sentences: list[str], concurrency: int, duration: float, warmup: float
+) -> tuple[float, float]:
+    """(requests/s, CPU-ms a request) of `floor.app` under the same load."""
+    asyncio.run(run_load(server.url, "tiny", sentences, concurrency, 1.0, warmup_s=0.0))
+    before = tree_cpu_seconds(server.pid)
+    result = asyncio.run(
+        run_load(server.url, "tiny", sentences, concurrency, duration_s=duration, warmup_s=warmup)
+    )
+    cpu_ms = (tree_cpu_seconds(server.pid) - before) * 1000 / result.answered
+    print(
+        f"  floor: {result.requests_per_s:.0f} requests/s, {cpu_ms:.3f} CPU-ms/request", flush=True
+    )
+    return result.requests_per_s, cpu_ms
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -243,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     backbone_path = tiny_backbone_folder(workdir / "tiny-bert")
     repo = prefix_repository(workdir / "repo", backbone_path)
     sentences = sst2_sentences(512)
+    tokenizer_ms = floor.tokenizer_ms(backbone_path, sentences, TOKENIZER_BATCH)
+    print(f"the tokenizer alone: {tokenizer_ms:.3f} CPU-ms a sentence", flush=True)
     layouts: dict[str, str] = {str(w): f"--workers {w}" for w in args.workers}
     servers = {
         str(w): start_server(
@@ -265,10 +285,15 @@ def main(argv: list[str] | None = None) -> int:
             cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, check=True,
         )  # fmt: skip
         servers["base"] = tree_server(tree, base_repo, workdir / "logs", args.baseline_workers)
+    floor_server = floor.start(workdir / "logs")
+    floor_points: list[tuple[float, float]] = []
     points: dict[str, list[Point]] = {key: [] for key in servers}
     try:
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
+            floor_points.append(
+                measure_floor(floor_server, sentences, args.concurrency, args.duration, args.warmup)
+            )
             for key, server in servers.items():
                 points[key].append(
                     measure(
@@ -281,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
     finally:
-        for server in servers.values():
+        for server in [*servers.values(), floor_server]:
             server.stop()
 
     def med(key: str, field: str) -> float:
@@ -337,6 +362,32 @@ def main(argv: list[str] | None = None) -> int:
     for key in servers:
         cells = [statistics.median(p.threads[g] for p in points[key]) for g in GROUPS]
         lines.append(f"| {layouts[key]} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    floor_rps = statistics.median(p[0] for p in floor_points)
+    floor_http = statistics.median(p[1] for p in floor_points)
+    floor_sum = floor_http + tokenizer_ms
+    lines += [
+        "",
+        "The floor: what the two parts of the request path that are not dynprompt's code cost "
+        "on their own, in the same run (`benchmarks/floor.py`; medians of the same rounds):",
+        "",
+        "| part | requests/s | CPU-ms / request |",
+        "|---|---:|---:|",
+        "| uvicorn (uvloop, httptools), a fixed answer to each POST after parsing its body, "
+        f"the same load | {floor_rps:.0f} | {floor_http:.3f} |",
+        f"| the fast tokenizer alone, batches of {TOKENIZER_BATCH} "
+        f"(`RowTokenizer.tokenize_rows`, best of 3 passes) | | {tokenizer_ms:.3f} |",
+        f"| together | | **{floor_sum:.3f}** |",
+        "",
+        f"Of the goal's {GOAL_MS} CPU-ms, they leave {GOAL_MS - floor_sum:.3f} for all that "
+        "dynprompt itself does per request (validation, admission, batching, collating, "
+        "routing, answers, metrics, the access log); "
+        + "; ".join(
+            f"the request path of `--workers {w}` spends "
+            f"{med(str(w), 'path_ms') - floor_sum:.3f} on it"
+            for w in args.workers
+        )
+        + ".",
+    ]
     table = "\n".join(lines)
     print(table)
     if not args.no_write:

@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -36,9 +36,6 @@ from dynprompt.service.protocol import (
 )
 
 log = logging.getLogger("dynprompt.service")
-# A request still waiting after this long starts watching its connection for the client
-# going away (its rows are then dropped, if they have not started).
-WATCH_AFTER_S = 0.05
 
 
 class CoreHandle(Protocol):
@@ -207,9 +204,10 @@ class Engine:
         self,
         call: ClassifyCall,
         obs: Observation,
-        client_gone: Callable[[], Awaitable[Any]] | None = None,
+        on_gone: Callable[[Callable[[], None]], None] | None = None,
     ) -> ClassifyResult:
-        """Admit, submit, wait; the answer or its error. Fills `obs` as it goes."""
+        """Admit, submit, wait; the answer or its error. Fills `obs` as it goes. `on_gone`
+        registers a callback for the client going away (`connections.on_client_gone`)."""
         obs.model, obs.rows = call.model, len(call.inputs)
         with self.permit():
             ticket = next(self._tickets)
@@ -233,7 +231,7 @@ class Engine:
                 tokens,
                 key,
             )
-            answer = await self._wait(self.core.submit(sub), ticket, client_gone)
+            answer = await self._wait(self.core.submit(sub), ticket, on_gone)
         obs.model, obs.queue_s, obs.compute_s = answer.model, answer.queue_s, answer.compute_s
         if answer.error is not None:
             raise error_for(answer)
@@ -245,36 +243,21 @@ class Engine:
         self,
         future: asyncio.Future[Answer],
         ticket: int,
-        client_gone: Callable[[], Awaitable[Any]] | None,
+        on_gone: Callable[[Callable[[], None]], None] | None,
     ) -> Answer:
-        """The answer, or 499 once the client has gone away. Most answers come within a
-        few milliseconds, so the watch on the connection starts only after `WATCH_AFTER_S`
-        (a timer costs less than a task)."""
-        if client_gone is None:
-            return await future
-        watcher: asyncio.Future[Any] | None = None
+        """The answer, or 499 once the client has gone away (`on_gone` calls back then:
+        its rows are dropped, if they have not started)."""
+        if on_gone is not None:
 
-        def gone(task: asyncio.Future[Any]) -> None:
-            if task.cancelled() or future.done():
-                return
-            self.core.cancel(ticket)
-            future.set_exception(
-                errors.ServiceError(499, "client_closed_request", "the client went away")
-            )
+            def gone() -> None:
+                if not future.done():
+                    self.core.cancel(ticket)
+                    future.set_exception(
+                        errors.ServiceError(499, "client_closed_request", "the client went away")
+                    )
 
-        def watch() -> None:
-            nonlocal watcher
-            if not future.done():
-                watcher = asyncio.ensure_future(client_gone())
-                watcher.add_done_callback(gone)
-
-        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch)
-        try:
-            return await future
-        finally:
-            timer.cancel()
-            if watcher is not None:
-                watcher.cancel()
+            on_gone(gone)
+        return await future
 
     # -- the rest of the API -------------------------------------------------------------
     async def ready(self) -> int:

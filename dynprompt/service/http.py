@@ -11,6 +11,7 @@ records it (`Engine.observe`), whatever the outcome. A route supplies only its
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import itertools
 import logging
@@ -26,7 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from dynprompt.service import errors
 from dynprompt.service.config import Settings
-from dynprompt.service.connections import ABORTED
+from dynprompt.service.connections import ABORTED, on_client_gone
 from dynprompt.service.engine import ClassifyCall, ClassifyResult, Engine
 from dynprompt.service.schemas import (
     ClassifyRequest,
@@ -272,11 +273,6 @@ def to_response(request: ClassifyRequest, result: ClassifyResult) -> ClassifyRes
     return ClassifyResponse(model=result.model, results=results, usage=usage)
 
 
-async def wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 def render_classify(request: ClassifyRequest, result: ClassifyResult) -> bytes:
     return _RESPONSE.dump_json(to_response(request, result), exclude_none=True)
 
@@ -313,7 +309,9 @@ def inference_handler(
                 if error is not None:
                     raise error
                 assert request is not None
-                result = await engine.classify(call(request), obs, lambda: wait_disconnect(receive))
+                result = await engine.classify(
+                    call(request), obs, functools.partial(on_client_gone, scope)
+                )
                 status = 200
                 payload = render(request, result)
             except errors.ServiceError as exc:
