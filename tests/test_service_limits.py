@@ -128,3 +128,17 @@ def test_an_answer_costs_the_event_loop_one_write(tmp_path: Path, minilm: Backbo
                 assert client.post("/v1/classify", json=body).status_code == 200
             assert client.get("/health").status_code == 200
             assert writes() - before == 21
+
+
+def test_a_client_gone_before_its_request_waits_is_called_back_at_once() -> None:
+    """The connection can be lost while the body is parsed, before the request registers
+    for the news: the mark the loss left makes the registration call back at once."""
+    from dynprompt.service.connections import GONE, ON_GONE, on_client_gone
+
+    calls: list[str] = []
+    waiting: dict[str, Any] = {}
+    on_client_gone(waiting, lambda: calls.append("waiting"))
+    assert calls == [] and callable(waiting[ON_GONE])
+    gone: dict[str, Any] = {GONE: True}
+    on_client_gone(gone, lambda: calls.append("gone"))
+    assert calls == ["gone"] and ON_GONE not in gone
