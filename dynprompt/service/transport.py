@@ -338,18 +338,27 @@ class CoreServer:
         self.context.term()
 
     def _send_all(self) -> None:
+        socket, more = self.socket, self.zmq.SNDMORE
         while self._outbox:
             identity, frame = self._outbox.popleft()
-            self.socket.send_multipart([identity, frame], copy=False)
+            socket.send(identity, more)
+            socket.send(frame, copy=False)
 
     def _receive_all(self) -> None:
-        """Everything readable now, in arrival order per front end."""
+        """Everything readable now, in arrival order per front end.
+
+        A front end's message is one frame, so the ROUTER reads exactly two parts: its
+        identity, then the frame. This thread's interpreter time bounds the engine core, so
+        it reads them with two `recv`s and asks `ZMQ_EVENTS` whether more are waiting:
+        pyzmq's `recv_multipart` is a Python loop around those `recv`s, and learning that
+        none is left from a raised `zmq.Again` builds an exception and an errno enum, each
+        several times the cost of the plain call in a `timeit` on this machine.
+        """
         zmq = self.zmq
-        while True:
-            try:
-                identity, frame = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        socket, events, ready, now = self.socket, zmq.EVENTS, zmq.POLLIN, zmq.NOBLOCK
+        while socket.getsockopt(events) & ready:
+            identity = socket.recv(now)
+            frame = socket.recv(now)
             target = self._targets.get(identity)
             if target is None:
                 target = self._targets[identity] = _RemoteTarget(identity, self)
