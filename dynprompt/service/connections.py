@@ -199,6 +199,14 @@ def guarded_protocol(
             cycle.disconnected = True
             cycle.message_event.set()
 
+        def shutdown(self) -> None:
+            """uvicorn's shutdown of this connection, except that an upload still arriving
+            is answered 503: one the drain's own pass (`refuse_unfinished_uploads`) did not
+            see, because its head was read after it, would otherwise wait out the graceful
+            timeout and end in uvicorn's plain-text 500."""
+            if not self.refuse_unfinished(503, "draining", "the server is shutting down"):
+                super().shutdown()
+
         def refuse_unfinished(self, status: int, type_: str, message: str) -> bool:
             """At shutdown: answer an upload still in progress; True if there was one."""
             if self._body_open:
