@@ -10,8 +10,9 @@ hold resources others need:
   uploads end;
 - at most `max_connections` connections are open; one more is answered 503 and closed
   (logged at most once every `LOG_EVERY_S`), long before file descriptors run out;
-- at shutdown, uploads still in progress are answered 503 (`refuse_unfinished`)
-  instead of being cut off mid-request.
+- at shutdown, uploads still in progress are answered 503 (`shutdown`, which uvicorn
+  calls for every connection once the drain is over) instead of waiting out the graceful
+  timeout and ending in uvicorn's plain-text 500.
 
 When the protocol ends a request itself (408, 503), it leaves the reason in the
 request's scope under `ABORTED`, so that the handler still waiting for the body
@@ -201,18 +202,12 @@ def guarded_protocol(
 
         def shutdown(self) -> None:
             """uvicorn's shutdown of this connection, except that an upload still arriving
-            is answered 503: one the drain's own pass (`refuse_unfinished_uploads`) did not
-            see, because its head was read after it, would otherwise wait out the graceful
-            timeout and end in uvicorn's plain-text 500."""
-            if not self.refuse_unfinished(503, "draining", "the server is shutting down"):
-                super().shutdown()
-
-        def refuse_unfinished(self, status: int, type_: str, message: str) -> bool:
-            """At shutdown: answer an upload still in progress; True if there was one."""
+            is answered 503 `draining` (the drain has ended: it will never be served)."""
             if self._body_open:
-                self.abort(status, type_, message)
-                return True
-            return False
+                log.info("answered 503 to an upload still in progress at shutdown")
+                self.abort(503, "draining", "the server is shutting down")
+            else:
+                super().shutdown()
 
         def _refuse(self, status: int, type_: str, message: str) -> None:
             body = orjson.dumps({"error": {"type": type_, "message": message}})
@@ -224,13 +219,3 @@ def guarded_protocol(
             self.transport.close()
 
     return GuardedProtocol
-
-
-def refuse_unfinished_uploads(connections: Any, message: str) -> int:
-    """Answer 503 to every request still uploading its body (at shutdown); how many."""
-    count = 0
-    for connection in list(connections):
-        refuse = getattr(connection, "refuse_unfinished", None)
-        if refuse is not None and refuse(503, "draining", message):
-            count += 1
-    return count

@@ -39,7 +39,6 @@ from dynprompt.service.config import Settings
 from dynprompt.service.connections import (
     guarded_protocol,
     raise_fd_limit,
-    refuse_unfinished_uploads,
 )
 from dynprompt.service.engine import Admission, CoreHandle, Engine, SharedCounts
 from dynprompt.service.logs import configure_logging
@@ -120,11 +119,6 @@ class DrainingServer(uvicorn.Server):
         name = signal.Signals(sig).name
         log.info("%s: draining (new requests get 503, in-flight ones finish)", name)
         finished = await self.engine.drain(self.drain_timeout_s)
-        refused = refuse_unfinished_uploads(
-            self.server_state.connections, "the server is shutting down"
-        )
-        if refused:
-            log.info("answered 503 to %d uploads still in progress", refused)
         if finished:
             log.info("drained: no request in flight; shutting down")
         else:
